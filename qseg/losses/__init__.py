@@ -1,0 +1,22 @@
+"""Segmentation and token-wise losses for language models, chunked over the vocabulary.
+
+    from qseg.losses import fused_linear_loss
+    loss = fused_linear_loss(hidden, model.lm_head, labels, {"cross_entropy": 0.6, "lovasz": 0.4})
+
+The contract (math, names, shapes) is `shared/spec/losses.md`; `functional` holds the
+math, `engine` the chunked passes over the head, `autotune` the chunk sizing.
+"""
+
+from .api import FusedLinearLoss, fused_linear_loss, loss_from_logits
+from .autotune import ChunkPlan, plan_chunks
+from .registry import available_losses, normalize_losses
+
+__all__ = [
+    "ChunkPlan",
+    "FusedLinearLoss",
+    "available_losses",
+    "fused_linear_loss",
+    "loss_from_logits",
+    "normalize_losses",
+    "plan_chunks",
+]

@@ -1,0 +1,214 @@
+"""The public entry points: fused (hidden states + head) and full-logits losses.
+
+Both paths pick the valid tokens, reduce them to the small inputs of
+`functional` (label log-probabilities, and for region losses the log-probabilities of
+the classes present), and combine the mixture there. Only the way those inputs are
+obtained differs: chunk by chunk from the head, or from logits the caller already has.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from . import engine, functional
+from .autotune import plan_chunks
+from .head import head_weight_shape, linear_parts
+from .registry import normalize_losses, split_by_kind
+
+
+@dataclass
+class ValidTokens:
+    """The positions that take part in the loss, flattened.
+
+    Attributes:
+        index: (n,) positions in the flattened (B·T) input.
+        labels: (n,) their labels.
+        sample: (n,) their sample, renumbered 0..S-1 over samples with a valid token.
+        num_samples: S.
+    """
+
+    index: Tensor
+    labels: Tensor
+    sample: Tensor
+    num_samples: int
+
+    @classmethod
+    def select(cls, labels: Tensor, vocab: int, ignore_index: int) -> ValidTokens:
+        if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
+            raise ValueError(f"labels must be an integer tensor (torch.long); got {labels.dtype}")
+        per_sample = labels.reshape(labels.shape[0], -1) if labels.dim() > 1 else labels[None]
+        flat = per_sample.reshape(-1)
+        index = (flat != ignore_index).nonzero().squeeze(1)
+        valid = flat[index]
+        bad = (valid < 0) | (valid >= vocab)
+        if bad.any():
+            raise ValueError(
+                f"labels must be in [0, {vocab}) (the vocabulary size) or ignore_index="
+                f"{ignore_index}; found {valid[bad][0].item()}"
+            )
+        samples, sample = torch.unique(index // per_sample.shape[1], return_inverse=True)
+        return cls(index, valid.long(), sample, samples.numel())
+
+
+def _check_shapes(features: Tensor, labels: Tensor, what: str) -> None:
+    if not features.is_floating_point():
+        raise ValueError(f"{what} must be a floating-point tensor; got {features.dtype}")
+    if features.dim() < 2 or features.shape[:-1] != labels.shape:
+        raise ValueError(
+            f"{what} of shape {tuple(features.shape)} does not line up with labels of shape "
+            f"{tuple(labels.shape)}: expected {what} (*labels.shape, {what[0]}) with labels "
+            f"(B, T) already aligned (no shift happens inside)"
+        )
+
+
+def _mixture_loss(
+    mixture: dict[str, dict[str, Any]],
+    tokens: ValidTokens,
+    label_logp: Tensor,
+    stats: functional.ClassStats | None,
+    num_tokens: int | None,
+    num_samples: int | None,
+) -> Tensor:
+    """Σ weight · loss from the small inputs; the normalizers default to this batch's."""
+    token_part, region_part = split_by_kind(mixture)
+    loss = label_logp.new_zeros(())
+    if token_part:
+        per_token = functional.weighted_token_loss(token_part)
+        loss = loss + per_token(label_logp).sum() / (num_tokens or label_logp.shape[0])
+    if region_part:
+        share = tokens.num_samples / num_samples if num_samples else 1.0
+        loss = loss + functional.region_loss(region_part, stats, share)
+    return loss
+
+
+def _class_stats(logp: Tensor, target: Tensor, tokens: ValidTokens) -> functional.ClassStats:
+    return functional.ClassStats(logp, target, tokens.sample, tokens.num_samples)
+
+
+def fused_linear_loss(
+    hidden: Tensor,
+    weight: Tensor | nn.Module,
+    labels: Tensor,
+    losses: str | dict,
+    *,
+    bias: Tensor | None = None,
+    chunk_size: int | str = "auto",
+    chunk_memory: int | None = None,
+    ignore_index: int = -100,
+    num_tokens: int | None = None,
+    num_samples: int | None = None,
+) -> Tensor:
+    """A loss mixture from hidden states and the output head, never holding full logits.
+
+    Args:
+        hidden: (B, T, d) final hidden states, any float dtype.
+        weight: the head: a (V, d) weight tensor, an nn.Linear, a peft LoRA-wrapped
+            linear or a bitsandbytes Linear4bit.
+        labels: (B, T) integer labels aligned with `hidden` (no shift happens here);
+            `ignore_index` marks positions that take no part.
+        losses: a name, {name: weight} or {name: {"weight": w, **params}}.
+        bias: (V,) optional, with a weight tensor only.
+        chunk_size: rows per chunk, or "auto" to let `plan_chunks` size them.
+        chunk_memory: byte budget of one chunk for "auto" (None: from free memory).
+        num_tokens: divide token-wise terms by this instead of the number of valid tokens
+            here (gradient accumulation: the valid tokens of the whole accumulated batch).
+        num_samples: scale region terms by (samples here) / num_samples (likewise).
+
+    Returns:
+        A 0-dim tensor, float32 (float64 for float64 inputs).
+    """
+    mixture = normalize_losses(losses)
+    vocab, dim = head_weight_shape(weight)
+    _check_shapes(hidden, labels, "hidden")
+    if hidden.shape[-1] != dim:
+        raise ValueError(f"hidden size {hidden.shape[-1]} does not match the head's d={dim}")
+    if bias is not None and tuple(bias.shape) != (vocab,):
+        raise ValueError(f"bias must have shape ({vocab},); got {tuple(bias.shape)}")
+    tokens = ValidTokens.select(labels, vocab, ignore_index)
+    if tokens.index.numel() == 0:
+        # Connected to the graph so backward works, with zero gradients.
+        return hidden.reshape(-1)[:0].float().sum()
+    rows = _chunk_rows(chunk_size, chunk_memory, tokens, vocab, dim, hidden, mixture)
+    h = hidden.reshape(-1, dim).index_select(0, tokens.index)
+    hiddens, weights, bias = linear_parts(weight, h, bias)
+    dtype = engine.accumulation_dtype(*hiddens, *weights)
+    bias = bias.to(dtype) if bias is not None else None
+
+    token_part, region_part = split_by_kind(mixture)
+    if not region_part:
+        per_token = functional.weighted_token_loss(token_part)
+        total = engine.token_loss_sum(tokens.labels, per_token, rows, hiddens, weights, bias)
+        return total / (num_tokens or tokens.labels.shape[0])
+    classes, target = torch.unique(tokens.labels, return_inverse=True)
+    logp = engine.column_log_probs(classes, rows, hiddens, weights, bias)
+    stats = _class_stats(logp, target, tokens)
+    return _mixture_loss(mixture, tokens, stats.label_logp(), stats, num_tokens, num_samples)
+
+
+def _chunk_rows(
+    chunk_size: int | str, chunk_memory: int | None, tokens: ValidTokens, vocab: int, dim: int,
+    hidden: Tensor, mixture: dict,
+) -> int:
+    if chunk_size == "auto":
+        plan = plan_chunks(
+            tokens.index.numel(), vocab, dim, hidden.dtype, mixture,
+            device=hidden.device, chunk_memory=chunk_memory,
+        )
+        return plan.rows
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int or 'auto'; got {chunk_size!r}")
+    return chunk_size
+
+
+def loss_from_logits(
+    logits: Tensor,
+    labels: Tensor,
+    losses: str | dict,
+    *,
+    ignore_index: int = -100,
+    num_tokens: int | None = None,
+    num_samples: int | None = None,
+) -> Tensor:
+    """The same mixture from full logits (B, T, V) the caller already holds.
+
+    Half-precision logits are upcast to float32. See `fused_linear_loss` for the rest.
+    """
+    mixture = normalize_losses(losses)
+    _check_shapes(logits, labels, "logits")
+    vocab = logits.shape[-1]
+    tokens = ValidTokens.select(labels, vocab, ignore_index)
+    if tokens.index.numel() == 0:
+        return logits.reshape(-1)[:0].float().sum()
+    dtype = engine.accumulation_dtype(logits)
+    z = logits.reshape(-1, vocab).index_select(0, tokens.index).to(dtype)
+    lse = torch.logsumexp(z, dim=1, keepdim=True)
+    if not split_by_kind(mixture)[1]:
+        label_logp = z.gather(1, tokens.labels[:, None]).squeeze(1) - lse.squeeze(1)
+        return _mixture_loss(mixture, tokens, label_logp, None, num_tokens, num_samples)
+    classes, target = torch.unique(tokens.labels, return_inverse=True)
+    stats = _class_stats(z.index_select(1, classes) - lse, target, tokens)
+    return _mixture_loss(mixture, tokens, stats.label_logp(), stats, num_tokens, num_samples)
+
+
+class FusedLinearLoss(nn.Module):
+    """`fused_linear_loss` as a module: the mixture is checked once, at construction.
+
+    Example:
+        >>> loss_fn = FusedLinearLoss({"cross_entropy": 0.6, "generalized_dice": 0.4})
+        >>> loss = loss_fn(hidden, model.lm_head, labels)
+    """
+
+    def __init__(self, losses: str | dict, **options: Any):
+        super().__init__()
+        self.mixture = normalize_losses(losses)
+        self.options = options
+
+    def forward(self, hidden: Tensor, head: Tensor | nn.Module, labels: Tensor) -> Tensor:
+        return fused_linear_loss(hidden, head, labels, self.mixture, **self.options)
+
+    def extra_repr(self) -> str:
+        return f"losses={self.mixture}, options={self.options}"

@@ -1,0 +1,120 @@
+"""How many rows per chunk: the auto-tuner behind `chunk_size="auto"`.
+
+One chunk's transient memory is about `bytes_per_logit · rows · V`: the chunk's logits in
+the accumulation dtype, the temporary of the log-sum-exp (or, in the backward, the
+softmax turned in place into the logit gradient), and, for half-precision inputs, the
+matmul's own output before the upcast and the gradient cast back for the next matmuls.
+`benchmarks/autotune.py` checks this estimate against measured peaks.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .registry import normalize_losses, split_by_kind
+
+MiB = 1 << 20
+CUDA_BUDGET_CAP = 1024 * MiB
+CPU_BUDGET_CAP = 128 * MiB
+# Row counts are rounded down to a multiple of this (when larger) to keep matmuls aligned.
+ROW_ALIGNMENT = 16
+
+
+@dataclass(frozen=True)
+class ChunkPlan:
+    """The tuner's decision, for logs and benchmarks."""
+
+    rows: int
+    bytes_per_row: int
+    estimated_bytes: int
+    budget_bytes: int
+    reason: str
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def bytes_per_logit(dtype: torch.dtype) -> int:
+    """Transient bytes per (row, vocabulary entry) of one chunk, for inputs of `dtype`."""
+    accumulate = 8 if dtype == torch.float64 else 4
+    native = torch.finfo(dtype).bits // 8
+    # Logits buffer + log-sum-exp temporary; half inputs add their native-size copies.
+    return 2 * accumulate + (2 * native if native < accumulate else 0)
+
+
+def default_budget(device: torch.device) -> tuple[int, str]:
+    """A byte budget for one chunk from the memory free on `device`, with the reason."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = min(free // 8, CUDA_BUDGET_CAP)
+        return budget, f"1/8 of {free / MiB:.0f} MiB free on {device}, capped at 1 GiB"
+    available = _available_ram()
+    budget = min(available // 16, CPU_BUDGET_CAP)
+    return budget, f"1/16 of {available / MiB:.0f} MiB available RAM, capped at 128 MiB"
+
+
+def _available_ram() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def plan_chunks(
+    n_tokens: int,
+    vocab: int,
+    hidden_dim: int,
+    dtype: torch.dtype,
+    losses: object = None,
+    *,
+    device: torch.device | str = "cpu",
+    chunk_memory: int | None = None,
+) -> ChunkPlan:
+    """Pick rows per chunk so that one chunk's transient memory fits the budget.
+
+    Args:
+        n_tokens: valid tokens to score; a chunk never has more rows.
+        vocab: V. hidden_dim: d (recorded in the reason; the transient does not depend on it).
+        dtype: dtype of the hidden states and head.
+        losses: the mixture (any form `normalize_losses` takes) or None. Token-wise
+            mixtures take the fused path, the others the recompute path; both hold the
+            same per-chunk transient, so it only names the path in the reason.
+        device: where the loss runs; sets the default budget.
+        chunk_memory: byte budget for one chunk; None takes `default_budget(device)`.
+
+    Raises:
+        ValueError: the budget cannot hold even one row.
+    """
+    device = torch.device(device)
+    if chunk_memory is None:
+        budget, why = default_budget(device)
+    else:
+        if isinstance(chunk_memory, bool) or not isinstance(chunk_memory, int) or chunk_memory <= 0:
+            raise ValueError(f"chunk_memory must be a positive number of bytes; got {chunk_memory!r}")
+        budget, why = chunk_memory, "chunk_memory given"
+    per_row = bytes_per_logit(dtype) * vocab
+    if per_row > budget:
+        raise ValueError(
+            f"chunk_memory={budget} bytes cannot hold one row of logits ({per_row} bytes at "
+            f"V={vocab}, {dtype}); allow at least {per_row} bytes"
+        )
+    rows = min(budget // per_row, max(n_tokens, 1))
+    if rows > ROW_ALIGNMENT:
+        rows -= rows % ROW_ALIGNMENT
+    path = "fused token-wise" if losses is not None and _token_only(losses) else "recompute"
+    reason = (
+        f"{path} path; budget {budget / MiB:.1f} MiB ({why}); {per_row / MiB:.2f} MiB per row "
+        f"(V={vocab}, d={hidden_dim}, {str(dtype).removeprefix('torch.')}) -> {rows} rows"
+    )
+    return ChunkPlan(rows, per_row, rows * per_row, budget, reason)
+
+
+def _token_only(losses: object) -> bool:
+    return not split_by_kind(normalize_losses(losses))[1]

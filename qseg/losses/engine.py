@@ -1,0 +1,179 @@
+"""The chunked engine: the only code that touches the whole vocabulary.
+
+The logits of a row chunk are z = Σ_i h_i W_iᵀ + b, a sum over "parts" (h_i, W_i) so that
+a LoRA head (W₀ plus the low-rank B·A) is computed without ever forming W₀ + B·A:
+its parts are (h, W₀) and (s · dropout(h) Aᵀ, B). Every function here walks the rows in
+chunks, so at most (chunk_rows, V) logits exist at any time.
+
+Two autograd functions:
+- `TokenLossFunction`, for mixtures of token-wise losses only. Each token's gradient
+  depends on that token alone, so it is formed during the forward, chunk by chunk, as
+  Liger-Kernel does for cross-entropy; the backward only scales it.
+- `HeadColumnsFunction`, for everything else. The forward returns each row's
+  log-sum-exp and its logits at a small set of columns (the classes present in the
+  batch); the loss is then ordinary autograd on those small tensors. The backward
+  recomputes each chunk's softmax to turn the small upstream gradients into the logit
+  gradient dz = p · g_lse + scatter(g_columns), never storing it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+
+def accumulation_dtype(*tensors: Tensor | None) -> torch.dtype:
+    """float64 when any input is float64, else float32 (half inputs are upcast)."""
+    has_double = any(t is not None and t.dtype == torch.float64 for t in tensors)
+    return torch.float64 if has_double else torch.float32
+
+
+def chunk_logits(
+    hiddens: Sequence[Tensor], weights: Sequence[Tensor], bias: Tensor | None, rows: slice,
+    dtype: torch.dtype,
+) -> Tensor:
+    """(chunk, V) logits of `rows` in `dtype`; each part's matmul runs in its own dtype."""
+    logits = None
+    for h, w in zip(hiddens, weights, strict=True):
+        part = (h[rows] @ w.T).to(dtype)
+        logits = part if logits is None else logits.add_(part)
+    if bias is not None:
+        logits.add_(bias)
+    return logits
+
+
+class _GradientSink:
+    """Accumulates dh_i, dW_i and db from logit gradients dz, chunk by chunk."""
+
+    def __init__(
+        self, hiddens: Sequence[Tensor], weights: Sequence[Tensor], bias: Tensor | None,
+        needs: Sequence[bool],
+    ):
+        # `needs` follows the inputs: bias, then (h_1, W_1, h_2, W_2, ...).
+        self.hiddens, self.weights = hiddens, weights
+        self.bias = torch.zeros_like(bias) if bias is not None and needs[0] else None
+        self.h = [torch.zeros_like(h) if n else None for h, n in zip(hiddens, needs[1::2])]
+        self.w = [torch.zeros_like(w) if n else None for w, n in zip(weights, needs[2::2])]
+
+    def add(self, dz: Tensor, rows: slice) -> None:
+        """Add the contribution of one chunk's (chunk, V) logit gradient."""
+        for h, w, dh, dw in zip(self.hiddens, self.weights, self.h, self.w):
+            dz_w = dz.to(w.dtype)
+            if dh is not None:
+                dh[rows] = dz_w @ w
+            if dw is not None:
+                dw.addmm_(dz_w.T, h[rows])
+        if self.bias is not None:
+            self.bias += dz.sum(0)
+
+    def grads(self) -> list[Tensor | None]:
+        """[db, dh_1, dW_1, dh_2, dW_2, ...], the order of the inputs."""
+        pairs = [g for pair in zip(self.h, self.w) for g in pair]
+        return [self.bias, *pairs]
+
+
+def _split_parts(parts: Sequence[Tensor]) -> tuple[Sequence[Tensor], Sequence[Tensor]]:
+    return parts[0::2], parts[1::2]
+
+
+class TokenLossFunction(torch.autograd.Function):
+    """Σ_t f(log p_t(y_t)) over rows, with its gradient formed during the forward.
+
+    Inputs: labels (n,), per_token_loss f: (c,) -> (c,), chunk_rows, bias (V,) or None,
+    then the parts h_1 (n, d_1), W_1 (V, d_1), h_2, W_2, ...
+    Output: a 0-dim tensor, the sum of f over all rows.
+    """
+
+    @staticmethod
+    def forward(ctx, labels, per_token_loss, chunk_rows, bias, *parts):
+        hiddens, weights = _split_parts(parts)
+        dtype = accumulation_dtype(bias, *parts)
+        sink = _GradientSink(hiddens, weights, bias, ctx.needs_input_grad[3:])
+        wants_grad = any(ctx.needs_input_grad[3:])
+        total = torch.zeros((), dtype=dtype, device=labels.device)
+        for start in range(0, labels.shape[0], chunk_rows):
+            rows = slice(start, start + chunk_rows)
+            logits = chunk_logits(hiddens, weights, bias, rows, dtype)
+            lse = torch.logsumexp(logits, dim=1)
+            target = labels[rows, None]
+            logp = logits.gather(1, target).squeeze(1) - lse
+            if not wants_grad:
+                total += per_token_loss(logp).sum()
+                continue
+            with torch.enable_grad():
+                logp = logp.detach().requires_grad_()
+                loss = per_token_loss(logp).sum()
+                (g,) = torch.autograd.grad(loss, logp)
+            total += loss.detach()
+            # d f / d z = g · (onehot(y) − p), built in place over the logits buffer.
+            dz = logits.sub_(lse[:, None]).exp_().mul_(-g[:, None])
+            dz.scatter_add_(1, target, g[:, None])
+            sink.add(dz, rows)
+        ctx.save_for_backward(*(g for g in sink.grads() if g is not None))
+        ctx.present = [g is not None for g in sink.grads()]
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        saved = iter(ctx.saved_tensors)
+        grads = [next(saved) * grad_total if present else None for present in ctx.present]
+        return None, None, None, *grads
+
+
+class HeadColumnsFunction(torch.autograd.Function):
+    """Per-row log-sum-exp and logits at shared columns, in bounded memory.
+
+    Inputs: columns (k,) long, chunk_rows, bias (V,) or None, then the parts
+    h_1 (n, d_1), W_1 (V, d_1), h_2, W_2, ...
+    Outputs: lse (n,) and column logits (n, k), in the accumulation dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, columns, chunk_rows, bias, *parts):
+        hiddens, weights = _split_parts(parts)
+        dtype = accumulation_dtype(bias, *parts)
+        n = hiddens[0].shape[0]
+        lse = torch.empty(n, dtype=dtype, device=columns.device)
+        picked = torch.empty(n, columns.shape[0], dtype=dtype, device=columns.device)
+        for start in range(0, n, chunk_rows):
+            rows = slice(start, start + chunk_rows)
+            logits = chunk_logits(hiddens, weights, bias, rows, dtype)
+            lse[rows] = torch.logsumexp(logits, dim=1)
+            picked[rows] = logits.index_select(1, columns)
+        ctx.chunk_rows = chunk_rows
+        ctx.save_for_backward(columns, lse, bias, *parts)
+        return lse, picked
+
+    @staticmethod
+    def backward(ctx, grad_lse, grad_picked):
+        columns, lse, bias, *parts = ctx.saved_tensors
+        hiddens, weights = _split_parts(parts)
+        sink = _GradientSink(hiddens, weights, bias, ctx.needs_input_grad[2:])
+        for start in range(0, lse.shape[0], ctx.chunk_rows):
+            rows = slice(start, start + ctx.chunk_rows)
+            logits = chunk_logits(hiddens, weights, bias, rows, lse.dtype)
+            dz = logits.sub_(lse[rows, None]).exp_().mul_(grad_lse[rows, None])
+            dz.index_add_(1, columns, grad_picked[rows])
+            sink.add(dz, rows)
+        return None, None, *sink.grads()
+
+
+def token_loss_sum(
+    labels: Tensor, per_token_loss: Callable[[Tensor], Tensor], chunk_rows: int,
+    hiddens: Sequence[Tensor], weights: Sequence[Tensor], bias: Tensor | None,
+) -> Tensor:
+    """Σ_t f(log p_t(y_t)) over the rows (see `TokenLossFunction`)."""
+    parts = [t for pair in zip(hiddens, weights) for t in pair]
+    return TokenLossFunction.apply(labels, per_token_loss, chunk_rows, bias, *parts)
+
+
+def column_log_probs(
+    columns: Tensor, chunk_rows: int,
+    hiddens: Sequence[Tensor], weights: Sequence[Tensor], bias: Tensor | None,
+) -> Tensor:
+    """(n, k) log p_t(c) of every row for the classes c in `columns` (k,)."""
+    parts = [t for pair in zip(hiddens, weights) for t in pair]
+    lse, picked = HeadColumnsFunction.apply(columns, chunk_rows, bias, *parts)
+    return picked - lse[:, None]

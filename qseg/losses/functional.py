@@ -1,0 +1,222 @@
+"""The math of every loss, written once, on small tensors.
+
+Nothing here sees the vocabulary. Token-wise losses take each valid token's
+log-probability of its label; region losses take `ClassStats`, the log-probabilities
+of the classes present in the batch. The chunked engine and the full-logits path both
+produce these inputs and share this code, so the two cannot drift apart.
+
+Notation follows `shared/spec/losses.md`: for sample b and class c, n_bc is the label
+count, P_bc = Σ_t p_t(c) the soft count and I_bc = Σ_{t: y_t = c} p_t(c) the soft overlap,
+all over the sample's valid tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+import torch
+from torch import Tensor
+
+# --------------------------------------------------------------------------- token-wise
+# Each maps logp (n,), the log-probability of every valid token's label, to (n,) losses.
+
+
+def cross_entropy(logp: Tensor) -> Tensor:
+    """−log p_t."""
+    return -logp
+
+
+def focal(logp: Tensor, gamma: float) -> Tensor:
+    """−(1 − p_t)^γ · log p_t (Lin et al. 2017)."""
+    # 1 - p computed as -expm1(log p) keeps its precision when p is close to 1.
+    return -torch.pow(-torch.expm1(logp), gamma) * logp
+
+
+def self_adjusting_dice(logp: Tensor, alpha: float, gamma: float) -> Tensor:
+    """1 − (2q + γ) / (q + 1 + γ) with q = (1 − p_t)^α · p_t (Li et al. 2020)."""
+    p = logp.exp()
+    q = torch.pow(-torch.expm1(logp), alpha) * p
+    return 1 - (2 * q + gamma) / (q + 1 + gamma)
+
+
+TOKEN_LOSSES: dict[str, Callable[..., Tensor]] = {
+    "cross_entropy": cross_entropy,
+    "focal": focal,
+    "self_adjusting_dice": self_adjusting_dice,
+}
+
+
+def weighted_token_loss(mixture: dict[str, dict[str, Any]]) -> Callable[[Tensor], Tensor]:
+    """The per-token loss Σ_i w_i · f_i(logp) of the token-wise part of a mixture."""
+
+    def per_token(logp: Tensor) -> Tensor:
+        total = torch.zeros_like(logp)
+        for name, params in mixture.items():
+            kwargs = {k: v for k, v in params.items() if k != "weight"}
+            total = total + params["weight"] * TOKEN_LOSSES[name](logp, **kwargs)
+        return total
+
+    return per_token
+
+
+# --------------------------------------------------------------------------- region
+
+
+@dataclass
+class ClassStats:
+    """What region losses need about a batch, restricted to its valid tokens.
+
+    Attributes:
+        logp: (n, k) log p_t(c) of each valid token t for each class c present in the
+            batch (k classes, in the order of `torch.unique` of the labels).
+        target: (n,) long, the column of each token's label in `logp`.
+        sample: (n,) long, the sample of each token, renumbered 0..S-1 over the samples
+            that have at least one valid token.
+        num_samples: S.
+    """
+
+    logp: Tensor
+    target: Tensor
+    sample: Tensor
+    num_samples: int
+
+    @cached_property
+    def counts(self) -> Tensor:
+        """(S, k) n_bc, the label count of each class in each sample."""
+        flat = self.sample * self.logp.shape[1] + self.target
+        counts = torch.bincount(flat, minlength=self.num_samples * self.logp.shape[1])
+        return counts.view(self.num_samples, -1).to(self.logp.dtype)
+
+    @cached_property
+    def present(self) -> Tensor:
+        """(S, k) bool, class c occurs in sample b (c ∈ K_b)."""
+        return self.counts > 0
+
+    def label_logp(self) -> Tensor:
+        """(n,) log p_t(y_t)."""
+        return self.logp.gather(1, self.target[:, None]).squeeze(1)
+
+    def soft_counts(self) -> tuple[Tensor, Tensor]:
+        """(P, I), each (S, k): soft counts P_bc and soft overlaps I_bc."""
+        p = self.logp.exp()
+        S, k = self.num_samples, p.shape[1]
+        soft = p.new_zeros(S, k).index_add(0, self.sample, p)
+        p_label = p.gather(1, self.target[:, None]).squeeze(1)
+        overlap = p.new_zeros(S * k).index_add(0, self.sample * k + self.target, p_label)
+        return soft, overlap.view(S, k)
+
+
+def tversky(stats: ClassStats, alpha: float, beta: float, smooth: float) -> Tensor:
+    """Per-sample Tversky loss (S,): 1 − mean_{c∈K_b} (TP + s) / (TP + α·FP + β·FN + s).
+
+    TP = I_bc, FP = P_bc − I_bc, FN = n_bc − I_bc (Salehi et al. 2017). Dice is
+    α = β = 0.5 and Jaccard α = β = 1.
+    """
+    soft, overlap = stats.soft_counts()
+    present = stats.present
+    numer = overlap + smooth
+    denom = overlap + alpha * (soft - overlap) + beta * (stats.counts - overlap) + smooth
+    # Absent classes are masked out; a safe denominator keeps their gradient at 0, not NaN.
+    index = numer / torch.where(present, denom, torch.ones_like(denom))
+    index = torch.where(present, index, torch.zeros_like(index))
+    return 1 - index.sum(1) / present.sum(1)
+
+
+def dice(stats: ClassStats, smooth: float) -> Tensor:
+    """Per-sample soft Dice loss (S,): Tversky with α = β = 0.5."""
+    return tversky(stats, 0.5, 0.5, smooth)
+
+
+def jaccard(stats: ClassStats, smooth: float) -> Tensor:
+    """Per-sample soft Jaccard (IoU) loss (S,): Tversky with α = β = 1."""
+    return tversky(stats, 1.0, 1.0, smooth)
+
+
+# The paper's code weights absent classes by 1 / (0 + 1e-10)².
+REFERENCE_ABSENT_WEIGHT = 1e20
+
+
+def generalized_dice(stats: ClassStats, smooth: float, absent_weight: str) -> Tensor:
+    """Per-sample Generalized Dice loss (S,) (Sudre et al. 2017), over all V classes.
+
+    L_b = 1 − 2 (Σ_c w_bc I_bc + s) / (Σ_c w_bc (P_bc + n_bc) + s), w_bc = 1 / n_bc² for
+    present classes. Absent classes have I = n = 0 and share one weight, so their part of
+    the denominator is w_absent · Σ_{c∉K_b} P_bc = w_absent · (|M_b| − Σ_{c∈K_b} P_bc).
+    """
+    soft, overlap = stats.soft_counts()
+    counts, present = stats.counts, stats.present
+    weight = torch.where(present, 1 / torch.where(present, counts, 1).square(), 0)
+    if absent_weight == "max":
+        w_absent = weight.amax(1)
+    elif absent_weight == "reference":
+        w_absent = torch.full_like(weight[:, 0], REFERENCE_ABSENT_WEIGHT)
+    else:
+        w_absent = torch.zeros_like(weight[:, 0])
+    # Rounding can make the difference slightly negative when nearly all mass is present.
+    absent_mass = (counts.sum(1) - torch.where(present, soft, 0).sum(1)).clamp(min=0)
+    numer = (weight * overlap).sum(1) + smooth
+    denom = (weight * (soft + counts)).sum(1) + w_absent * absent_mass + smooth
+    return 1 - 2 * numer / denom
+
+
+def lovasz_per_class(prob: Tensor, is_fg: Tensor) -> Tensor:
+    """Lovász-Softmax loss of each class over one group of tokens (Berman et al. 2018).
+
+    Args:
+        prob: (m, k) p_t(c) of the group's m tokens for k classes present in it.
+        is_fg: (m, k) bool, y_t = c.
+
+    Returns:
+        (k,) loss_c = Σ_i e_sorted,i · ΔJ_i, all k classes sorted at once.
+    """
+    errors = (is_fg.to(prob.dtype) - prob).abs()
+    errors_sorted, order = errors.sort(dim=0, descending=True)  # the order carries no gradient
+    fg_sorted = is_fg.gather(0, order).to(prob.dtype)
+    total_fg = fg_sorted.sum(0)
+    intersection = total_fg - fg_sorted.cumsum(0)
+    union = total_fg + (1 - fg_sorted).cumsum(0)
+    jaccard_curve = 1 - intersection / union
+    delta = torch.cat([jaccard_curve[:1], jaccard_curve[1:] - jaccard_curve[:-1]])
+    return (errors_sorted * delta).sum(0)
+
+
+def lovasz(stats: ClassStats, per_sample: bool) -> Tensor:
+    """Lovász-Softmax losses of the groups (G,): the batch as one group, or each sample.
+
+    A group's loss is the mean of `lovasz_per_class` over the classes present in it.
+    """
+    classes = torch.arange(stats.logp.shape[1], device=stats.logp.device)
+    if not per_sample:
+        is_fg = stats.target[:, None] == classes[None, :]
+        return lovasz_per_class(stats.logp.exp(), is_fg).mean()[None]
+    losses = []
+    for b in range(stats.num_samples):
+        rows = (stats.sample == b).nonzero().squeeze(1)
+        cols = stats.present[b].nonzero().squeeze(1)
+        prob = stats.logp[rows][:, cols].exp()
+        is_fg = stats.target[rows][:, None] == cols[None, :]
+        losses.append(lovasz_per_class(prob, is_fg).mean())
+    return torch.stack(losses)
+
+
+REGION_LOSSES: dict[str, Callable[..., Tensor]] = {
+    "generalized_dice": generalized_dice,
+    "tversky": tversky,
+    "dice": dice,
+    "jaccard": jaccard,
+    "lovasz": lovasz,
+}
+
+
+def region_loss(
+    mixture: dict[str, dict[str, Any]], stats: ClassStats, sample_share: float = 1.0
+) -> Tensor:
+    """Σ_i w_i · mean over groups of the region part of a mixture, times `sample_share`."""
+    total = stats.logp.new_zeros(())
+    for name, params in mixture.items():
+        kwargs = {k: v for k, v in params.items() if k != "weight"}
+        total = total + params["weight"] * REGION_LOSSES[name](stats, **kwargs).mean()
+    return total * sample_share

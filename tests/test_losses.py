@@ -1,0 +1,281 @@
+"""qseg.losses against a naive float64 reference of the spec, on every input form."""
+
+import math
+
+import pytest
+import torch
+from loss_reference import reference_loss
+from torch import nn
+
+from qseg.losses import (
+    FusedLinearLoss,
+    available_losses,
+    fused_linear_loss,
+    loss_from_logits,
+    normalize_losses,
+    plan_chunks,
+)
+
+B, T, D, V = 3, 9, 6, 13
+
+# Every loss with its defaults and with other parameter values.
+CASES = [
+    "cross_entropy",
+    "focal",
+    {"focal": {"gamma": 0.0}},
+    {"focal": {"gamma": 3.5}},
+    "self_adjusting_dice",
+    {"self_adjusting_dice": {"alpha": 0.5, "gamma": 0.2}},
+    "generalized_dice",
+    {"generalized_dice": {"absent_weight": "reference"}},
+    {"generalized_dice": {"absent_weight": "zero", "smooth": 0.5}},
+    "tversky",
+    {"tversky": {"alpha": 0.7, "beta": 0.2, "smooth": 1.0}},
+    "dice",
+    "jaccard",
+    "lovasz",
+    {"lovasz": {"per_sample": True}},
+    {"cross_entropy": 0.6, "generalized_dice": 0.4},
+    {"focal": {"weight": 0.3, "gamma": 1.0}, "lovasz": 0.5, "sadl": 0.2},
+]
+
+
+def case_id(case):
+    return case if isinstance(case, str) else "+".join(f"{k}{v}" for k, v in case.items())
+
+
+def make_batch(seed=0, dtype=torch.float64, scale=1.0):
+    """Hidden, weight, bias and labels; sample 1 has no valid token, sample 2 a few."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = (scale * torch.randn(B, T, D, generator=g, dtype=torch.float64)).to(dtype)
+    weight = torch.randn(V, D, generator=g, dtype=torch.float64).to(dtype)
+    bias = torch.randn(V, generator=g, dtype=torch.float64).to(dtype)
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[0, :2] = -100
+    labels[1, :] = -100
+    labels[2, ::2] = -100
+    return hidden.requires_grad_(), weight.requires_grad_(), bias.requires_grad_(), labels
+
+
+def grads(loss, *inputs):
+    return torch.autograd.grad(loss, inputs)
+
+
+def assert_close(actual, expected, **tol):
+    for a, e in zip(actual, expected, strict=True):
+        torch.testing.assert_close(a.double(), e.double(), **tol)
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("chunk_size", [1, 5, 64, "auto"])
+def test_fused_matches_reference(case, chunk_size):
+    hidden, weight, bias, labels = make_batch()
+    mixture = normalize_losses(case)
+    expected = reference_loss(hidden @ weight.T + bias, labels, mixture)
+    actual = fused_linear_loss(hidden, weight, labels, case, bias=bias, chunk_size=chunk_size)
+    assert actual.dtype == torch.float64 and actual.dim() == 0
+    assert_close([actual], [expected])
+    assert_close(grads(actual, hidden, weight, bias), grads(expected, hidden, weight, bias))
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_loss_from_logits_matches_reference(case):
+    hidden, weight, bias, labels = make_batch(seed=1)
+    logits = (hidden @ weight.T + bias).detach().requires_grad_()
+    expected = reference_loss(logits, labels, normalize_losses(case))
+    actual = loss_from_logits(logits, labels, case)
+    assert_close([actual], [expected])
+    assert_close(grads(actual, logits), grads(expected, logits))
+
+
+@pytest.mark.parametrize("name", ["cross_entropy", "generalized_dice", "lovasz", "tversky"])
+def test_gradcheck(name):
+    hidden, weight, bias, labels = make_batch(seed=2)
+
+    def fn(h, w, b):
+        return fused_linear_loss(h, w, labels, name, bias=b, chunk_size=4)
+
+    assert torch.autograd.gradcheck(fn, (hidden, weight, bias))
+
+
+@pytest.mark.parametrize("name", ["focal", "lovasz", "generalized_dice"])
+def test_no_valid_position_gives_zero_and_zero_grads(name):
+    hidden, weight, _, labels = make_batch()
+    labels = torch.full_like(labels, -100)
+    loss = fused_linear_loss(hidden, weight, labels, name)
+    loss.backward()
+    assert loss.item() == 0.0
+    assert hidden.grad is not None and torch.all(hidden.grad == 0)
+    logits = (hidden @ weight.T).detach().requires_grad_()
+    loss_from_logits(logits, labels, name).backward()
+    assert torch.all(logits.grad == 0)
+
+
+def test_custom_ignore_index():
+    hidden, weight, _, labels = make_batch()
+    relabeled = labels.masked_fill(labels == -100, V + 7)
+    mixture = {"cross_entropy": 0.5, "dice": 0.5}
+    expected = fused_linear_loss(hidden, weight, labels, mixture)
+    actual = fused_linear_loss(hidden, weight, relabeled, mixture, ignore_index=V + 7)
+    torch.testing.assert_close(actual, expected)
+
+
+def test_normalizers_for_gradient_accumulation():
+    """Two halves with whole-batch normalizers add up to the whole batch's loss."""
+    hidden, weight, _, labels = make_batch()
+    mixture = {"cross_entropy": 0.5, "generalized_dice": 0.5}
+    whole = fused_linear_loss(hidden, weight, labels, mixture)
+    n_tokens = int((labels != -100).sum())
+    n_samples = int((labels != -100).any(1).sum())
+    halves = [
+        fused_linear_loss(hidden[s], weight, labels[s], mixture,
+                          num_tokens=n_tokens, num_samples=n_samples)
+        for s in (slice(0, 1), slice(1, 3))
+    ]
+    torch.testing.assert_close(halves[0] + halves[1], whole)
+
+
+def test_aliases_resolve_to_canonical_names():
+    assert available_losses() == [
+        "cross_entropy", "focal", "self_adjusting_dice", "generalized_dice",
+        "tversky", "dice", "jaccard", "lovasz",
+    ]
+    mixture = normalize_losses({"ce": 1, "gdice": 2, "iou": 3, "self_adj_dice": 4})
+    assert list(mixture) == ["cross_entropy", "generalized_dice", "jaccard", "self_adjusting_dice"]
+    assert mixture["generalized_dice"] == {"weight": 2.0, "smooth": 1e-5, "absent_weight": "max"}
+
+
+def test_bf16_inputs_are_upcast_and_close_to_float64():
+    hidden, weight, _, labels = make_batch(dtype=torch.bfloat16)
+    mixture = {"cross_entropy": 0.5, "lovasz": 0.25, "generalized_dice": 0.25}
+    loss = fused_linear_loss(hidden, weight, labels, mixture, chunk_size=4)
+    assert loss.dtype == torch.float32
+    h64, w64 = hidden.detach().double(), weight.detach().double()
+    expected = reference_loss(h64 @ w64.T, labels, normalize_losses(mixture))
+    torch.testing.assert_close(loss.double(), expected, rtol=2e-2, atol=2e-2)
+    loss.backward()
+    assert hidden.grad.dtype == torch.bfloat16 and torch.isfinite(hidden.grad.float()).all()
+
+
+@pytest.mark.parametrize("name", available_losses())
+def test_huge_logits_stay_finite(name):
+    hidden, weight, _, labels = make_batch(dtype=torch.float32, scale=3e3)
+    loss = fused_linear_loss(hidden, weight, labels, name, chunk_size=7)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(hidden.grad).all()
+    assert torch.isfinite(weight.grad).all()
+
+
+def test_linear_module_with_bias_and_frozen_weight():
+    hidden, _, _, labels = make_batch(dtype=torch.float32)
+    head = nn.Linear(D, V)
+    head.weight.requires_grad_(False)
+    loss_fn = FusedLinearLoss({"focal": 0.5, "dice": 0.5}, chunk_size=3)
+    loss = loss_fn(hidden, head, labels)
+    loss.backward()
+    expected = reference_loss(head.double()(hidden.detach().double()), labels,
+                              normalize_losses({"focal": 0.5, "dice": 0.5}))
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
+    assert head.weight.grad is None
+    assert head.bias.grad is not None and hidden.grad is not None
+
+
+@pytest.mark.parametrize("case", ["cross_entropy", {"cross_entropy": 0.6, "lovasz": 0.4}])
+def test_lora_head_gradients_reach_the_adapter(case):
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.lm_head = nn.Linear(D, V, bias=False)
+    config = peft.LoraConfig(target_modules=["lm_head"], r=4, lora_alpha=8,
+                             init_lora_weights=False)
+    model = peft.inject_adapter_in_model(config, model)
+    head = model.lm_head
+    lora = [head.lora_A["default"].weight, head.lora_B["default"].weight]
+    hidden, _, _, labels = make_batch(dtype=torch.float32)
+
+    fused = fused_linear_loss(hidden, head, labels, case, chunk_size=5)
+    naive = loss_from_logits(head(hidden), labels, case)
+    torch.testing.assert_close(fused, naive)
+    assert_close(grads(fused, hidden, *lora), grads(naive, hidden, *lora), rtol=1e-4, atol=1e-6)
+    assert not head.base_layer.weight.requires_grad
+
+
+def test_4bit_head_matches_its_dequantized_forward():
+    bnb = pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    dense = nn.Linear(64, 40)
+    head = bnb.nn.Linear4bit(64, 40, compute_dtype=torch.float32, quant_type="nf4")
+    head.load_state_dict(dense.state_dict())
+    head = head.to("cpu")  # quantizes the weight
+    hidden = torch.randn(2, 6, 64, requires_grad=True)
+    labels = torch.randint(0, 40, (2, 6))
+    case = {"cross_entropy": 0.5, "generalized_dice": 0.5}
+    fused = fused_linear_loss(hidden, head, labels, case, chunk_size=4)
+    naive = loss_from_logits(head(hidden), labels, case)
+    torch.testing.assert_close(fused, naive, rtol=1e-5, atol=1e-6)
+    assert_close(grads(fused, hidden), grads(naive, hidden), rtol=1e-4, atol=1e-6)
+
+
+def test_plan_never_breaks_its_budget():
+    for vocab, dtype, budget in [(32000, torch.float32, 50 << 20), (128256, torch.bfloat16, 1 << 30),
+                                 (49152, torch.float64, 3 << 20)]:
+        plan = plan_chunks(100_000, vocab, 512, dtype, "lovasz", chunk_memory=budget)
+        assert 1 <= plan.rows and plan.estimated_bytes <= budget == plan.budget_bytes
+        assert plan.estimated_bytes == plan.rows * plan.bytes_per_row
+        assert "recompute" in plan.reason
+    small = plan_chunks(10, 32000, 64, torch.float32, "ce", chunk_memory=1 << 30)
+    assert small.rows == 10 and "fused" in small.reason
+    auto = plan_chunks(4096, 32000, 64, torch.float32)
+    assert 0 < auto.estimated_bytes <= auto.budget_bytes and set(auto.as_dict()) >= {"rows", "reason"}
+    with pytest.raises(ValueError, match="cannot hold one row"):
+        plan_chunks(10, 32000, 64, torch.float32, chunk_memory=1000)
+
+
+def test_auto_chunks_respect_chunk_memory():
+    hidden, weight, _, labels = make_batch()
+    one_row = plan_chunks(1, V, D, torch.float64, chunk_memory=10**6).bytes_per_row
+    expected = fused_linear_loss(hidden, weight, labels, "lovasz", chunk_size=1)
+    actual = fused_linear_loss(hidden, weight, labels, "lovasz", chunk_memory=one_row)
+    torch.testing.assert_close(actual, expected)
+
+
+BAD_INPUTS = [
+    (dict(losses="dicee"), "unknown loss 'dicee'"),
+    (dict(losses={"focal": {"gama": 2}}), "unknown parameter.*gama.*allowed"),
+    (dict(losses={"focal": -1.0}), "weight of 'focal' must be finite and >= 0"),
+    (dict(losses={"focal": math.nan}), "must be finite"),
+    (dict(losses={"focal": math.inf}), "must be finite"),
+    (dict(losses={"generalized_dice": {"absent_weight": "min"}}), "max, reference, zero"),
+    (dict(losses={"lovasz": {"per_sample": 1}}), "true or false"),
+    (dict(losses={}), "non-empty"),
+    (dict(labels_value=V), r"\[0, 13\).*found 13"),
+    (dict(labels_value=-3), "found -3"),
+    (dict(labels_dtype=torch.float32), "integer tensor"),
+    (dict(labels_shape=(B, T + 1)), "does not line up"),
+    (dict(weight_shape=(V, D + 1)), "does not match the head"),
+    (dict(bias_shape=(V + 1,)), "bias must have shape"),
+    (dict(chunk_size=0), "chunk_size must be a positive int"),
+]
+
+
+@pytest.mark.parametrize("bad,message", BAD_INPUTS, ids=[m for _, m in BAD_INPUTS])
+def test_bad_input_raises_a_clear_value_error(bad, message):
+    hidden, weight, bias, labels = make_batch()
+    if "labels_value" in bad:
+        labels = labels.clone()
+        labels[0, 5] = bad["labels_value"]
+    if "labels_dtype" in bad:
+        labels = labels.to(bad["labels_dtype"])
+    if "labels_shape" in bad:
+        labels = torch.zeros(bad["labels_shape"], dtype=torch.long)
+    if "weight_shape" in bad:
+        weight = torch.randn(bad["weight_shape"], dtype=torch.float64)
+    if "bias_shape" in bad:
+        bias = torch.randn(bad["bias_shape"], dtype=torch.float64)
+    losses = bad.get("losses", "cross_entropy")
+    with pytest.raises(ValueError, match=message):
+        fused_linear_loss(hidden, weight, labels, losses, bias=bias,
+                          chunk_size=bad.get("chunk_size", "auto"))
+    if "weight_shape" not in bad and "bias_shape" not in bad and "chunk_size" not in bad:
+        with pytest.raises(ValueError, match=message):
+            loss_from_logits(hidden @ weight.T, labels, losses)
