@@ -150,13 +150,23 @@ def fused_linear_loss(
 
 
 def _chunk_rows(
-    chunk_size: int | str, chunk_memory: int | None, tokens: ValidTokens, vocab: int, dim: int,
-    hidden: Tensor, mixture: dict,
+    chunk_size: int | str,
+    chunk_memory: int | None,
+    tokens: ValidTokens,
+    vocab: int,
+    dim: int,
+    hidden: Tensor,
+    mixture: dict,
 ) -> int:
     if chunk_size == "auto":
         plan = plan_chunks(
-            tokens.index.numel(), vocab, dim, hidden.dtype, mixture,
-            device=hidden.device, chunk_memory=chunk_memory,
+            tokens.index.numel(),
+            vocab,
+            dim,
+            hidden.dtype,
+            mixture,
+            device=hidden.device,
+            chunk_memory=chunk_memory,
         )
         return plan.rows
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:

@@ -10,14 +10,16 @@ Two autograd functions:
   depends on that token alone, so it is formed during the forward, chunk by chunk, as
   Liger-Kernel does for cross-entropy; the backward only scales it.
 - `HeadColumnsFunction`, for everything else. The forward returns each row's
-  log-sum-exp and its logits at a small set of columns (the classes present in the
-  batch); the loss is then ordinary autograd on those small tensors. The backward
-  recomputes each chunk's softmax to turn the small upstream gradients into the logit
-  gradient dz = p · g_lse + scatter(g_columns), never storing it.
+  log-probabilities of a small set of columns (the classes present in the batch); the
+  loss is then ordinary autograd on that small tensor. The backward recomputes each
+  chunk's softmax to turn the small upstream gradient into the logit gradient
+  dz = scatter(g) − p · Σg, never storing it.
 """
 
 from __future__ import annotations
 
+import os
+import warnings
 from collections.abc import Callable, Sequence
 
 import torch
@@ -31,51 +33,115 @@ def accumulation_dtype(*tensors: Tensor | None) -> torch.dtype:
 
 
 def chunk_logits(
-    hiddens: Sequence[Tensor], weights: Sequence[Tensor], bias: Tensor | None, rows: slice,
+    hiddens: Sequence[Tensor],
+    weights: Sequence[Tensor],
+    bias: Tensor | None,
+    rows: slice,
     dtype: torch.dtype,
 ) -> Tensor:
-    """(chunk, V) logits of `rows` in `dtype`; each part's matmul runs in its own dtype."""
+    """(chunk, V) logits of `rows`. A lone part without bias stays in its matmul's dtype
+    (the upcast happens inside the fused elementwise kernels); sums are in `dtype`."""
     logits = None
     for h, w in zip(hiddens, weights, strict=True):
-        part = (h[rows] @ w.T).to(dtype)
-        logits = part if logits is None else logits.add_(part)
+        part = h[rows] @ w.T
+        logits = part if logits is None else logits.to(dtype).add_(part)
     if bias is not None:
-        logits.add_(bias)
+        logits = logits.to(dtype).add_(bias)
     return logits
+
+
+def _logsumexp(logits: Tensor, dtype: torch.dtype) -> Tensor:
+    """(chunk,) log Σ_v exp(z_v), computed in `dtype`."""
+    return torch.logsumexp(logits.to(dtype), dim=1)
+
+
+def _scaled_softmax(logits: Tensor, lse: Tensor, scale: Tensor, out_dtype: torch.dtype) -> Tensor:
+    """(chunk, V) scale_t · p_t, the softmax part of every logit gradient, in `out_dtype`."""
+    return (logits.to(lse.dtype) - lse[:, None]).exp_().mul_(scale[:, None]).to(out_dtype)
+
+
+# On CUDA the two elementwise passes above run as compiled (fused) kernels: each then
+# reads the half-precision logits once instead of making several float32 passes.
+# QSEG_COMPILE=0 turns this off; a failed compilation falls back to eager, with a warning.
+_COMPILED: dict[Callable, Callable] = {}
+_compile_failed = False
+
+
+def uses_compiled_kernels(device: torch.device) -> bool:
+    """Whether the elementwise passes on `device` run compiled."""
+    return (
+        device.type == "cuda"
+        and os.environ.get("QSEG_COMPILE", "1") != "0"
+        and not (_compile_failed)
+    )
+
+
+def _kernel(eager: Callable, device: torch.device) -> Callable:
+    if not uses_compiled_kernels(device):
+        return eager
+    if eager not in _COMPILED:
+        _COMPILED[eager] = torch.compile(eager, dynamic=True)
+    compiled = _COMPILED[eager]
+
+    def run(*args):
+        global _compile_failed
+        try:
+            return compiled(*args)
+        except Exception as error:  # noqa: BLE001 - any compiler failure means: run eager
+            _compile_failed = True
+            warnings.warn(
+                f"qseg: torch.compile failed ({error!r}); using eager kernels", stacklevel=2
+            )
+            return eager(*args)
+
+    return run
 
 
 class _GradientSink:
     """Accumulates dh_i, dW_i and db from logit gradients dz, chunk by chunk."""
 
     def __init__(
-        self, hiddens: Sequence[Tensor], weights: Sequence[Tensor], bias: Tensor | None,
+        self,
+        hiddens: Sequence[Tensor],
+        weights: Sequence[Tensor],
+        bias: Tensor | None,
         needs: Sequence[bool],
     ):
         # `needs` follows the inputs: bias, then (h_1, W_1, h_2, W_2, ...).
         self.hiddens, self.weights = hiddens, weights
         self.bias = torch.zeros_like(bias) if bias is not None and needs[0] else None
-        self.h = [torch.zeros_like(h) if n else None for h, n in zip(hiddens, needs[1::2])]
-        self.w = [torch.zeros_like(w) if n else None for w, n in zip(weights, needs[2::2])]
+        self.h = [
+            torch.zeros_like(h) if n else None for h, n in zip(hiddens, needs[1::2], strict=True)
+        ]
+        self.w = [
+            torch.zeros_like(w) if n else None for w, n in zip(weights, needs[2::2], strict=True)
+        ]
 
     def add(self, dz: Tensor, rows: slice) -> None:
         """Add the contribution of one chunk's (chunk, V) logit gradient."""
-        for h, w, dh, dw in zip(self.hiddens, self.weights, self.h, self.w):
+        for h, w, dh, dw in zip(self.hiddens, self.weights, self.h, self.w, strict=True):
             dz_w = dz.to(w.dtype)
             if dh is not None:
                 dh[rows] = dz_w @ w
             if dw is not None:
                 dw.addmm_(dz_w.T, h[rows])
         if self.bias is not None:
-            self.bias += dz.sum(0)
+            self.bias += dz.sum(0, dtype=self.bias.dtype)
 
     def grads(self) -> list[Tensor | None]:
         """[db, dh_1, dW_1, dh_2, dW_2, ...], the order of the inputs."""
-        pairs = [g for pair in zip(self.h, self.w) for g in pair]
+        pairs = [g for pair in zip(self.h, self.w, strict=True) for g in pair]
         return [self.bias, *pairs]
 
 
 def _split_parts(parts: Sequence[Tensor]) -> tuple[Sequence[Tensor], Sequence[Tensor]]:
     return parts[0::2], parts[1::2]
+
+
+def _gradient_dtype(weights: Sequence[Tensor], dtype: torch.dtype) -> torch.dtype:
+    """dz is formed in the weights' dtype (bf16 feeds bf16 matmuls), or `dtype` if they differ."""
+    dtypes = {w.dtype for w in weights}
+    return dtypes.pop() if len(dtypes) == 1 else dtype
 
 
 class TokenLossFunction(torch.autograd.Function):
@@ -90,15 +156,18 @@ class TokenLossFunction(torch.autograd.Function):
     def forward(ctx, labels, per_token_loss, chunk_rows, bias, *parts):
         hiddens, weights = _split_parts(parts)
         dtype = accumulation_dtype(bias, *parts)
+        grad_dtype = _gradient_dtype(weights, dtype)
+        logsumexp = _kernel(_logsumexp, labels.device)
+        scaled_softmax = _kernel(_scaled_softmax, labels.device)
         sink = _GradientSink(hiddens, weights, bias, ctx.needs_input_grad[3:])
         wants_grad = any(ctx.needs_input_grad[3:])
         total = torch.zeros((), dtype=dtype, device=labels.device)
         for start in range(0, labels.shape[0], chunk_rows):
             rows = slice(start, start + chunk_rows)
             logits = chunk_logits(hiddens, weights, bias, rows, dtype)
-            lse = torch.logsumexp(logits, dim=1)
+            lse = logsumexp(logits, dtype)
             target = labels[rows, None]
-            logp = logits.gather(1, target).squeeze(1) - lse
+            logp = logits.gather(1, target).squeeze(1).to(dtype) - lse
             if not wants_grad:
                 total += per_token_loss(logp).sum()
                 continue
@@ -107,9 +176,10 @@ class TokenLossFunction(torch.autograd.Function):
                 loss = per_token_loss(logp).sum()
                 (g,) = torch.autograd.grad(loss, logp)
             total += loss.detach()
-            # d f / d z = g · (onehot(y) − p), built in place over the logits buffer.
-            dz = logits.sub_(lse[:, None]).exp_().mul_(-g[:, None])
-            dz.scatter_add_(1, target, g[:, None])
+            # d f / d z = g · (onehot(y) − p)
+            dz = scaled_softmax(logits, lse, -g, grad_dtype)
+            del logits
+            dz.scatter_add_(1, target, g[:, None].to(grad_dtype))
             sink.add(dz, rows)
         ctx.save_for_backward(*(g for g in sink.grads() if g is not None))
         ctx.present = [g is not None for g in sink.grads()]
@@ -123,57 +193,69 @@ class TokenLossFunction(torch.autograd.Function):
 
 
 class HeadColumnsFunction(torch.autograd.Function):
-    """Per-row log-sum-exp and logits at shared columns, in bounded memory.
+    """Per-row log-probabilities of shared columns, in bounded memory.
 
     Inputs: columns (k,) long, chunk_rows, bias (V,) or None, then the parts
     h_1 (n, d_1), W_1 (V, d_1), h_2, W_2, ...
-    Outputs: lse (n,) and column logits (n, k), in the accumulation dtype.
+    Output: (n, k) log p_t(c) for the classes c in `columns`, in the accumulation dtype.
+    Its backward, for an upstream G (n, k), forms dz_t = scatter(G_t) − p_t · Σ_c G_tc.
     """
 
     @staticmethod
     def forward(ctx, columns, chunk_rows, bias, *parts):
         hiddens, weights = _split_parts(parts)
         dtype = accumulation_dtype(bias, *parts)
+        logsumexp = _kernel(_logsumexp, columns.device)
         n = hiddens[0].shape[0]
         lse = torch.empty(n, dtype=dtype, device=columns.device)
-        picked = torch.empty(n, columns.shape[0], dtype=dtype, device=columns.device)
+        logp = torch.empty(n, columns.shape[0], dtype=dtype, device=columns.device)
         for start in range(0, n, chunk_rows):
             rows = slice(start, start + chunk_rows)
             logits = chunk_logits(hiddens, weights, bias, rows, dtype)
-            lse[rows] = torch.logsumexp(logits, dim=1)
-            picked[rows] = logits.index_select(1, columns)
+            lse[rows] = logsumexp(logits, dtype)
+            logp[rows] = logits.index_select(1, columns).to(dtype) - lse[rows, None]
         ctx.chunk_rows = chunk_rows
         ctx.save_for_backward(columns, lse, bias, *parts)
-        return lse, picked
+        return logp
 
     @staticmethod
-    def backward(ctx, grad_lse, grad_picked):
+    def backward(ctx, grad_logp):
         columns, lse, bias, *parts = ctx.saved_tensors
         hiddens, weights = _split_parts(parts)
+        grad_dtype = _gradient_dtype(weights, lse.dtype)
+        scaled_softmax = _kernel(_scaled_softmax, lse.device)
         sink = _GradientSink(hiddens, weights, bias, ctx.needs_input_grad[2:])
         for start in range(0, lse.shape[0], ctx.chunk_rows):
             rows = slice(start, start + ctx.chunk_rows)
             logits = chunk_logits(hiddens, weights, bias, rows, lse.dtype)
-            dz = logits.sub_(lse[rows, None]).exp_().mul_(grad_lse[rows, None])
-            dz.index_add_(1, columns, grad_picked[rows])
+            g = grad_logp[rows]
+            dz = scaled_softmax(logits, lse[rows], -g.sum(1), grad_dtype)
+            del logits
+            dz.index_add_(1, columns, g.to(grad_dtype))
             sink.add(dz, rows)
         return None, None, *sink.grads()
 
 
 def token_loss_sum(
-    labels: Tensor, per_token_loss: Callable[[Tensor], Tensor], chunk_rows: int,
-    hiddens: Sequence[Tensor], weights: Sequence[Tensor], bias: Tensor | None,
+    labels: Tensor,
+    per_token_loss: Callable[[Tensor], Tensor],
+    chunk_rows: int,
+    hiddens: Sequence[Tensor],
+    weights: Sequence[Tensor],
+    bias: Tensor | None,
 ) -> Tensor:
     """Σ_t f(log p_t(y_t)) over the rows (see `TokenLossFunction`)."""
-    parts = [t for pair in zip(hiddens, weights) for t in pair]
+    parts = [t for pair in zip(hiddens, weights, strict=True) for t in pair]
     return TokenLossFunction.apply(labels, per_token_loss, chunk_rows, bias, *parts)
 
 
 def column_log_probs(
-    columns: Tensor, chunk_rows: int,
-    hiddens: Sequence[Tensor], weights: Sequence[Tensor], bias: Tensor | None,
+    columns: Tensor,
+    chunk_rows: int,
+    hiddens: Sequence[Tensor],
+    weights: Sequence[Tensor],
+    bias: Tensor | None,
 ) -> Tensor:
     """(n, k) log p_t(c) of every row for the classes c in `columns` (k,)."""
-    parts = [t for pair in zip(hiddens, weights) for t in pair]
-    lse, picked = HeadColumnsFunction.apply(columns, chunk_rows, bias, *parts)
-    return picked - lse[:, None]
+    parts = [t for pair in zip(hiddens, weights, strict=True) for t in pair]
+    return HeadColumnsFunction.apply(columns, chunk_rows, bias, *parts)

@@ -42,7 +42,7 @@ def linear_parts(head: Tensor | nn.Module, hidden: Tensor, bias: Tensor | None =
         if bias is not None:
             raise ValueError("bias= is only for a weight tensor; a module head uses its own bias")
         hiddens, weights, bias = _module_parts(head, hidden)
-    pairs = [_common_dtype(h, w) for h, w in zip(hiddens, weights)]
+    pairs = [_common_dtype(h, w) for h, w in zip(hiddens, weights, strict=True)]
     return [h for h, _ in pairs], [w for _, w in pairs], bias
 
 

@@ -66,8 +66,9 @@ def available_losses() -> list[str]:
 def canonical_name(name: str) -> str:
     """Resolve an alias (`"ce"`, `"gdice"`, ...) to its canonical name."""
     if not isinstance(name, str) or name.lower() not in _ALIASES:
-        allowed = ", ".join(f"{d.name} ({', '.join(d.aliases)})" if d.aliases else d.name
-                            for d in LOSSES.values())
+        allowed = ", ".join(
+            f"{d.name} ({', '.join(d.aliases)})" if d.aliases else d.name for d in LOSSES.values()
+        )
         raise ValueError(f"unknown loss {name!r}; available losses (aliases): {allowed}")
     return _ALIASES[name.lower()]
 
