@@ -293,3 +293,21 @@ def test_bad_input_raises_a_clear_value_error(bad, message):
     if "weight_shape" not in bad and "bias_shape" not in bad and "chunk_size" not in bad:
         with pytest.raises(ValueError, match=message):
             loss_from_logits(hidden @ weight.T, labels, losses)
+
+
+def test_lovasz_blocks_of_classes_match_one_block(monkeypatch):
+    """Many present classes: the checkpointed column blocks give the same value and grads."""
+    from qseg.losses import functional
+
+    hidden, weight, _, labels = make_batch(seed=3)
+    case = {"lovasz": {"per_sample": True}, "dice": 0.5}
+    whole = fused_linear_loss(hidden, weight, labels, case)
+    expected = grads(whole, hidden, weight)
+    monkeypatch.setattr(functional, "LOVASZ_BLOCK_ENTRIES", 2 * T)
+    blocked = fused_linear_loss(hidden, weight, labels, case)
+    torch.testing.assert_close(blocked, whole)
+    assert_close(grads(blocked, hidden, weight), expected)
+    monkeypatch.setattr(functional, "LOVASZ_BLOCK_ENTRIES", 1)  # one class per block
+    one_class_blocks = fused_linear_loss(hidden, weight, labels, "lovasz")
+    reference = reference_loss(hidden @ weight.T, labels, normalize_losses("lovasz"))
+    torch.testing.assert_close(one_class_blocks, reference)

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 # --------------------------------------------------------------------------- token-wise
 # Each maps logp (n,), the log-probability of every valid token's label, to (n,) losses.
@@ -183,22 +184,41 @@ def lovasz_per_class(prob: Tensor, is_fg: Tensor) -> Tensor:
     return (errors_sorted * delta).sum(0)
 
 
+# Lovász sorts a (tokens, classes) matrix; with many classes (up to one per token) it is
+# sorted in blocks of columns of about this many entries, each recomputed in the backward.
+LOVASZ_BLOCK_ENTRIES = 1 << 22
+
+
+def _lovasz_block(logp: Tensor, target: Tensor, cols: Tensor) -> Tensor:
+    prob = logp.index_select(1, cols).exp()
+    return lovasz_per_class(prob, target[:, None] == cols[None, :])
+
+
+def _lovasz_group(logp: Tensor, target: Tensor, cols: Tensor) -> Tensor:
+    """Mean Lovász loss over the classes `cols` of one group: logp (m, k), target (m,)."""
+    step = max(1, LOVASZ_BLOCK_ENTRIES // max(logp.shape[0], 1))
+    if step >= cols.numel() or not logp.requires_grad:
+        return _lovasz_block(logp, target, cols).mean()
+    blocks = [
+        checkpoint(_lovasz_block, logp, target, cols[s : s + step], use_reentrant=False)
+        for s in range(0, cols.numel(), step)
+    ]
+    return torch.cat(blocks).mean()
+
+
 def lovasz(stats: ClassStats, per_sample: bool) -> Tensor:
     """Lovász-Softmax losses of the groups (G,): the batch as one group, or each sample.
 
     A group's loss is the mean of `lovasz_per_class` over the classes present in it.
     """
-    classes = torch.arange(stats.logp.shape[1], device=stats.logp.device)
     if not per_sample:
-        is_fg = stats.target[:, None] == classes[None, :]
-        return lovasz_per_class(stats.logp.exp(), is_fg).mean()[None]
+        cols = torch.arange(stats.logp.shape[1], device=stats.logp.device)
+        return _lovasz_group(stats.logp, stats.target, cols)[None]
     losses = []
     for b in range(stats.num_samples):
         rows = (stats.sample == b).nonzero().squeeze(1)
         cols = stats.present[b].nonzero().squeeze(1)
-        prob = stats.logp[rows][:, cols].exp()
-        is_fg = stats.target[rows][:, None] == cols[None, :]
-        losses.append(lovasz_per_class(prob, is_fg).mean())
+        losses.append(_lovasz_group(stats.logp[rows], stats.target[rows], cols))
     return torch.stack(losses)
 
 
