@@ -52,9 +52,15 @@ def bytes_per_logit(dtype: torch.dtype, compiled: bool = False) -> int:
 def default_budget(device: torch.device) -> tuple[int, str]:
     """A byte budget for one chunk from the memory free on `device`, with the reason."""
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
+        free, total = torch.cuda.mem_get_info(device)
+        allocated = torch.cuda.memory_allocated(device)
+        # The caching allocator reuses its reserved-but-unused blocks; a per-process cap
+        # (set_per_process_memory_fraction) is invisible to mem_get_info.
+        allowed = torch.cuda.get_per_process_memory_fraction(device) * total
+        cached = torch.cuda.memory_reserved(device) - allocated
+        free = int(min(free + cached, allowed - allocated))
         budget = min(free // 8, CUDA_BUDGET_CAP)
-        return budget, f"1/8 of {free / MiB:.0f} MiB free on {device}, capped at 1 GiB"
+        return budget, f"1/8 of {free / MiB:.0f} MiB free to this process, capped at 1 GiB"
     available = _available_ram()
     budget = min(available // 16, CPU_BUDGET_CAP)
     return budget, f"1/16 of {available / MiB:.0f} MiB available RAM, capped at 128 MiB"

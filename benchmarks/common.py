@@ -1,0 +1,300 @@
+"""The harness the benchmarks share: inputs, measurement, one process per case, output.
+
+Measuring memory honestly:
+- CPU: each case runs in a fresh Python process started with `MALLOC_MMAP_THRESHOLD_=65536`
+  (glibc then maps every allocation over 64 KiB on its own and returns it on free, so
+  the figure repeats run to run). Just before the measured call the process writes `5`
+  to `/proc/self/clear_refs`, which restarts the kernel's peak-RSS counter; the peak is
+  `VmHWM` after the call minus `VmRSS` before it. Inputs exist before, so they are excluded.
+- CUDA: `torch.cuda.max_memory_allocated()` after `reset_peak_memory_stats()`, minus the
+  memory allocated before the call (the inputs). Cases run in one process unless asked.
+
+Either way the figure is the peak memory ADDED by one forward+backward, gradients
+included; times are the median of several forward+backward calls after a warm-up call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+MiB = 1 << 20
+ROW_FIELDS = ("impl", "loss", "tokens", "vocab", "hidden", "dtype", "device", "peak_mb", "ms")
+IGNORE_INDEX = -100
+# The worker prints its row on a line starting with this, so that library chatter on
+# stdout cannot be mistaken for it.
+ROW_MARKER = "QSEG_BENCH_ROW "
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """`"bf16"`/`"bfloat16"` (and fp32, fp16) to a torch dtype."""
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; allowed: {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def resolve_device(name: str) -> torch.device:
+    """`"auto"` takes CUDA when present; asking for CUDA without one is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but no CUDA device is visible; use cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be cpu, cuda or auto; got {name!r}")
+    return device
+
+
+def device_name(device: torch.device) -> str:
+    """The card's name (as `torch.cuda.get_device_name` gives it), or `"cpu"`."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def zipf_labels(
+    batch: int,
+    seq_len: int,
+    vocab: int,
+    *,
+    generator: torch.Generator,
+    exponent: float = 1.1,
+    ignore_fraction: float = 0.1,
+) -> torch.Tensor:
+    """(batch, seq_len) labels shaped like text: token frequencies follow a Zipf law.
+
+    The token of frequency rank k is drawn with probability ∝ 1 / (k + 1)^exponent
+    (natural-language corpora sit near exponent 1), ranks are mapped to ids by a random
+    permutation, and `ignore_fraction` of the positions are set to IGNORE_INDEX (as
+    prompt tokens would be). The number of distinct classes in a batch, which sizes the
+    region losses' work, is then realistic rather than that of uniform labels.
+    """
+    weights = torch.arange(1, vocab + 1, dtype=torch.float64).pow(-exponent)
+    ranks = torch.multinomial(weights, batch * seq_len, replacement=True, generator=generator)
+    labels = torch.randperm(vocab, generator=generator)[ranks].view(batch, seq_len)
+    ignored = torch.rand(batch, seq_len, generator=generator) < ignore_fraction
+    return labels.masked_fill(ignored, IGNORE_INDEX)
+
+
+def parse_mix(text: str) -> str | dict[str, float]:
+    """`"cross_entropy:0.6+generalized_dice:0.4"` -> {name: weight}; a bare name stays a name."""
+    if "+" not in text and ":" not in text:
+        return text
+    mix = {}
+    for part in text.split("+"):
+        name, sep, weight = part.partition(":")
+        try:
+            mix[name.strip()] = float(weight) if sep else 1.0
+        except ValueError:
+            raise ValueError(
+                f"bad loss mixture {text!r}: write it as name:weight+name:weight"
+            ) from None
+    return mix
+
+
+def mix_label(losses: str | dict[str, float]) -> str:
+    """The inverse of `parse_mix`, for table rows."""
+    if isinstance(losses, str):
+        return losses
+    return "+".join(f"{name}:{weight:g}" for name, weight in losses.items())
+
+
+# ------------------------------------------------------------------------ measurement
+
+
+def proc_status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} missing from /proc/self/status")
+
+
+def peak_added_mb(call: Callable[[], Any], device: torch.device) -> float:
+    """Peak memory added while `call()` runs, in MiB (see the module docstring)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        call()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - before) / MiB
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") != "65536":
+        raise RuntimeError(
+            "CPU peaks need a process started with MALLOC_MMAP_THRESHOLD_=65536; "
+            "run the case through run_isolated"
+        )
+    before = proc_status_kb("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")
+    call()
+    return (proc_status_kb("VmHWM") - before) / 1024
+
+
+def median_ms(
+    call: Callable[[], Any], reset: Callable[[], None], device: torch.device, reps: int
+) -> float:
+    """Median wall time of `reps` calls in milliseconds, `reset()` run before each, untimed."""
+    times = []
+    for _ in range(reps):
+        reset()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        call()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def measure(
+    call: Callable[[], Any], reset: Callable[[], None], device: torch.device, reps: int
+) -> tuple[float, float]:
+    """(peak added MiB, median ms) of `call`, a forward+backward.
+
+    One warm-up call first, at full size, so that kernel compilation, autotuning and
+    one-time workspaces stay out of both figures; then the memory call; then the timed ones.
+    """
+    reset()
+    call()
+    reset()
+    peak = peak_added_mb(call, device)
+    return peak, median_ms(call, reset, device, reps)
+
+
+def clear_grads(*tensors: torch.Tensor) -> Callable[[], None]:
+    """A `reset` for `measure`: drop the gradients the last call left."""
+
+    def reset() -> None:
+        for t in tensors:
+            t.grad = None
+
+    return reset
+
+
+def is_oom(error: BaseException) -> bool:
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+# --------------------------------------------------------------- one process per case
+
+
+def run_isolated(module: str, case: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """Run `python -m module --case JSON` in a fresh process and return the row it prints.
+
+    A crash, a timeout or a missing row becomes the case's row with an `error`.
+    """
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    command = [sys.executable, "-m", module, "--case", json.dumps(case)]
+    try:
+        done = subprocess.run(
+            command, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO_ROOT
+        )
+    except subprocess.TimeoutExpired:
+        return error_row(case, f"timed out after {timeout:.0f} s")
+    for line in reversed(done.stdout.splitlines()):
+        if line.startswith(ROW_MARKER):
+            return json.loads(line[len(ROW_MARKER) :])
+    tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+    return error_row(case, f"worker exited with {done.returncode}: {tail}")
+
+
+def emit_row(row: dict[str, Any]) -> None:
+    """The worker's side of `run_isolated`."""
+    print(ROW_MARKER + json.dumps(row), flush=True)
+
+
+def error_row(case: dict[str, Any], message: str) -> dict[str, Any]:
+    row = {key: case.get(key) for key in ROW_FIELDS}
+    row.update(peak_mb=None, ms=None, error=message)
+    return row
+
+
+def skipped_row(case: dict[str, Any], reason: str) -> dict[str, Any]:
+    row = {key: case.get(key) for key in ROW_FIELDS}
+    row.update(peak_mb=None, ms=None, skipped=reason)
+    return row
+
+
+def measured(row: dict[str, Any]) -> bool:
+    """True for rows that carry figures (not skipped, not failed)."""
+    return "skipped" not in row and "error" not in row
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def add_output_args(parser: argparse.ArgumentParser) -> None:
+    """Flags every benchmark takes: device, quick mode, output, and the worker's entry."""
+    parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny shapes, to check the script runs"
+    )
+    parser.add_argument("--out", type=Path, help="write the rows as JSON to this file")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    parser.add_argument("--case", help=argparse.SUPPRESS)
+
+
+def check_out_path(path: Path | None, overwrite: bool) -> None:
+    """Refuse, before any work, to replace an existing output file unless told to."""
+    if path is not None and path.exists() and not overwrite:
+        raise SystemExit(f"{path} exists; pass --overwrite to replace it or choose another --out")
+
+
+def write_json(rows: Sequence[dict[str, Any]], path: Path, quiet: bool = False) -> None:
+    """Write the rows; benchmarks call it after every case too, so a run cut short by a
+    timeout still leaves what it measured."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(list(rows), indent=1) + "\n")
+    if not quiet:
+        print(f"wrote {path} ({len(rows)} rows)")
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return str(value)
+        return f"{value:.2f}" if abs(value) < 100 else f"{value:.0f}"
+    return str(value)
+
+
+def markdown_table(rows: Iterable[dict[str, Any]], columns: Sequence[str]) -> str:
+    """A markdown table of `columns`; a `note` column says why a row was skipped or failed."""
+    lines = ["| " + " | ".join((*columns, "note")) + " |", "|" + "---|" * (len(columns) + 1)]
+    for row in rows:
+        note = row.get("skipped") or row.get("error") or row.get("note") or ""
+        cells = [_cell(row.get(c)) for c in columns] + [str(note).replace("|", "/")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

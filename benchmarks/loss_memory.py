@@ -1,0 +1,354 @@
+"""Peak added memory and time of one loss forward+backward: qseg vs full logits vs the field.
+
+For every loss of `qseg.losses.available_losses()`:
+- `naive`: full logits `hidden @ Wᵀ`, then `qseg.losses.loss_from_logits` (the paper's way);
+- `qseg`: `qseg.losses.fused_linear_loss(hidden, W, labels, loss, chunk_size=...)`;
+and, cross-entropy only:
+- `torch`: `F.cross_entropy` on full logits upcast to float32 (what Hugging Face models do),
+  the baseline of the `*_vs_torch_ce` columns (`peak_vs_naive`: qseg against the same
+  loss's naive row; `*_vs_liger`: against Liger, when it ran);
+- `liger`: Liger-Kernel's `LigerFusedLinearCrossEntropyLoss` (CUDA only);
+- `cce`: Apple's `cut_cross_entropy.linear_cross_entropy` (CUDA only).
+An implementation that cannot run here gives a row with `skipped` and the reason.
+
+Inputs: hidden (B, T, d) ~ N(0, 1) and weight (V, d) ~ N(0, 1/d), both in the benchmark
+dtype and both requiring grad (as in Liger's benchmark: a trainable head); labels drawn
+from a Zipf law over the vocabulary with 10% of positions ignored (see
+`common.zipf_labels`). `peak_mb` is the memory added by forward+backward (gradients
+included, inputs excluded); `ms` the median forward+backward time. How both are measured
+is in `benchmarks/common.py`; on CPU every case runs in its own process on one thread
+(`--threads`), so that other load on a shared machine does not skew the times.
+The CPU run prints issue 2's acceptance criteria, a run with Liger rows issue 5's.
+
+    python -m benchmarks.loss_memory --device cpu --out benchmarks/results/loss_memory_cpu.json
+    python -m benchmarks.loss_memory --device cuda --shapes llama3 qwen2.5 \
+        --tokens 4096 8192 16384 32768
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks import common
+from qseg.losses import available_losses, fused_linear_loss, loss_from_logits, plan_chunks
+from qseg.losses.registry import LOSSES
+
+SHAPES = {"llama3": (128256, 4096), "qwen2.5": (151936, 3584)}
+CE_ONLY_IMPLS = ("torch", "liger", "cce")
+IMPLS = ("torch", "liger", "cce", "naive", "qseg")
+COLUMNS = (
+    "impl",
+    "loss",
+    "tokens",
+    "vocab",
+    "hidden",
+    "dtype",
+    "chunk_size",
+    "peak_mb",
+    "ms",
+    "peak_vs_torch_ce",
+    "ms_vs_torch_ce",
+    "peak_vs_naive",
+    "peak_vs_liger",
+    "ms_vs_liger",
+)
+# Issue 2 (CPU): qseg adds at most 1/4 of naive's peak, in at most 2x torch CE's time.
+ISSUE2_PEAK, ISSUE2_TIME = 0.25, 2.0
+# Issue 5 (GPU): against Liger's fused linear CE, (peak, time) bounds per loss kind.
+ISSUE5_BOUNDS = {"token": (1.0, 1.2), "region": (1.5, 1.6)}
+
+
+# ----------------------------------------------------------------------------- worker
+
+
+def make_loss(case: dict[str, Any], labels: torch.Tensor) -> Callable[..., torch.Tensor]:
+    """The loss of `case["impl"]` as f(hidden, weight) -> 0-dim tensor.
+
+    Raises ImportError when the implementation's package is missing.
+    """
+    impl, loss, chunk = case["impl"], case["loss"], case["chunk_size"]
+    flat_labels = labels.view(-1)
+    if impl == "torch":
+        return lambda h, w: F.cross_entropy(F.linear(h, w).float().flatten(0, 1), flat_labels)
+    if impl == "naive":
+        return lambda h, w: loss_from_logits(F.linear(h, w), labels, loss)
+    if impl == "qseg":
+        return lambda h, w: fused_linear_loss(h, w, labels, loss, chunk_size=chunk)
+    if impl == "liger":
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        liger = LigerFusedLinearCrossEntropyLoss(ignore_index=common.IGNORE_INDEX)
+        return lambda h, w: liger(w, h.flatten(0, 1), flat_labels)
+    if impl == "cce":
+        from cut_cross_entropy import linear_cross_entropy
+
+        return lambda h, w: linear_cross_entropy(h, w, labels, ignore_index=common.IGNORE_INDEX)
+    raise ValueError(f"unknown impl {impl!r}; allowed: {', '.join(IMPLS)}")
+
+
+def run_case(case: dict[str, Any]) -> dict[str, Any]:
+    """Measure one (impl, loss, shape) case in this process and return its row."""
+    device = torch.device(case["device"])
+    dtype = common.parse_dtype(case["dtype"])
+    if device.type == "cpu":
+        torch.set_num_threads(case["threads"])
+    batch, seq_len = case["tokens"] // case["seq_len"], case["seq_len"]
+    vocab, dim = case["vocab"], case["hidden"]
+    cpu = torch.Generator().manual_seed(case["seed"])
+    labels = common.zipf_labels(batch, seq_len, vocab, generator=cpu).to(device)
+    # Drawn where they live: a (V, d) weight drawn on the CPU takes seconds at V=128256.
+    on_device = torch.Generator(device).manual_seed(case["seed"])
+    hidden = torch.randn(batch, seq_len, dim, generator=on_device, device=device, dtype=dtype)
+    weight = torch.randn(vocab, dim, generator=on_device, device=device, dtype=dtype)
+    weight.mul_(dim**-0.5)
+    hidden.requires_grad_(True)
+    weight.requires_grad_(True)
+
+    row = {key: case[key] for key in common.ROW_FIELDS if key in case}
+    row.update(device=common.device_name(device), batch=batch, seq_len=seq_len)
+    if device.type == "cpu":
+        row["threads"] = case["threads"]
+    row.update(chunk_size=None, valid_tokens=int((labels != common.IGNORE_INDEX).sum()))
+    if case["impl"] == "qseg":
+        row["chunk_size"] = case["chunk_size"]
+        if case["chunk_size"] == "auto":  # the rows fused_linear_loss will pick, and why
+            plan = plan_chunks(row["valid_tokens"], vocab, dim, dtype, case["loss"], device=device)
+            row.update(
+                chunk_size=plan.rows,
+                chunk_plan=plan.reason,
+                chunk_budget_mb=plan.budget_bytes / common.MiB,
+                chunk_bytes_per_row=plan.bytes_per_row,
+            )
+    try:
+        loss_fn = make_loss(case, labels)
+    except ImportError as error:
+        return {**row, "peak_mb": None, "ms": None, "skipped": f"not installed: {error}"}
+
+    def step() -> None:
+        loss_fn(hidden, weight).backward()
+
+    try:
+        peak, ms = common.measure(step, common.clear_grads(hidden, weight), device, case["reps"])
+    except (RuntimeError, torch.OutOfMemoryError) as error:
+        if not common.is_oom(error):
+            raise
+        return {**row, "peak_mb": None, "ms": None, "error": "out of memory"}
+    return {**row, "peak_mb": peak, "ms": ms}
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def parse_shape(text: str) -> tuple[int, int]:
+    """A named head (`llama3`, `qwen2.5`) or `VxD`, to (vocab, hidden)."""
+    if text in SHAPES:
+        return SHAPES[text]
+    vocab, sep, dim = text.partition("x")
+    if not (sep and vocab.isdigit() and dim.isdigit()):
+        raise ValueError(
+            f"shape {text!r} is neither VxD (e.g. 32000x256) nor one of {list(SHAPES)}"
+        )
+    return int(vocab), int(dim)
+
+
+def parse_chunk(text: str) -> int | str:
+    """`--chunk-size`: a positive number of rows, or "auto"."""
+    if text == "auto":
+        return text
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(
+            f"chunk size must be a positive integer or auto; got {text!r}"
+        )
+    return int(text)
+
+
+def defaults(device: torch.device, quick: bool) -> dict[str, Any]:
+    """Shapes by device: CPU is issue 2's acceptance case, CUDA the Llama-3 head at 8k."""
+    if quick:
+        return dict(
+            tokens=[256], shapes=["1024x64"], seq_len=128, dtype="float32", chunk_size=64, reps=1
+        )
+    if device.type == "cpu":
+        return dict(
+            tokens=[2048],
+            shapes=["32000x256"],
+            seq_len=512,
+            dtype="float32",
+            chunk_size=256,
+            reps=5,
+        )
+    return dict(
+        tokens=[8192], shapes=["llama3"], seq_len=4096, dtype="bfloat16", chunk_size="auto", reps=10
+    )
+
+
+def build_cases(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
+    cases = []
+    for shape in args.shapes:
+        vocab, dim = parse_shape(shape)
+        for tokens in args.tokens:
+            seq_len = min(args.seq_len, tokens)
+            if tokens % seq_len:
+                raise ValueError(f"--tokens {tokens} is not a multiple of --seq-len {seq_len}")
+            base = dict(
+                tokens=tokens,
+                seq_len=seq_len,
+                vocab=vocab,
+                hidden=dim,
+                dtype=common.dtype_name(common.parse_dtype(args.dtype)),
+                device=str(device),
+                chunk_size=args.chunk_size,
+                reps=args.reps,
+                seed=args.seed,
+                threads=args.threads,
+            )
+            for impl in args.impls:
+                losses = ["cross_entropy"] if impl in CE_ONLY_IMPLS else args.losses
+                cases += [dict(base, impl=impl, loss=loss) for loss in losses]
+    return cases
+
+
+def run_all(
+    cases: list[dict[str, Any]],
+    device: torch.device,
+    isolate: bool,
+    timeout: float,
+    out: Path | None = None,
+) -> list[dict]:
+    """Measure every case (skipping what cannot run here); rows so far are kept in `out`."""
+    rows = []
+    for case in cases:
+        if case["impl"] in ("liger", "cce") and device.type != "cuda":
+            row = common.skipped_row(case, "needs a CUDA device (Triton kernels)")
+            row["device"] = common.device_name(device)
+        elif isolate:
+            row = common.run_isolated("benchmarks.loss_memory", case, timeout)
+        else:
+            row = run_case(case)
+            torch.cuda.empty_cache()
+        rows.append(row)
+        print(_progress(row), flush=True)
+        if out is not None:
+            common.write_json(rows, out, quiet=True)
+    return rows
+
+
+def _progress(row: dict[str, Any]) -> str:
+    what = f"{row['impl']:>6} {row['loss']:<20} {row['tokens']} x {row['vocab']}x{row['hidden']}"
+    if not common.measured(row):
+        return f"{what}: {row.get('skipped') or row.get('error')}"
+    return f"{what}: {row['peak_mb']:.1f} MiB, {row['ms']:.1f} ms"
+
+
+def add_ratios(rows: list[dict[str, Any]]) -> None:
+    """Ratio columns against torch CE, the same loss's naive row, and Liger, per shape."""
+
+    def key(row: dict) -> tuple:
+        return row["tokens"], row["vocab"], row["hidden"], row["dtype"]
+
+    found = {(key(r), r["impl"], r["loss"]): r for r in rows if common.measured(r)}
+    for row in rows:
+        if not common.measured(row):
+            continue
+        for name, impl, loss in (
+            ("torch_ce", "torch", "cross_entropy"),
+            ("naive", "naive", row["loss"]),
+            ("liger", "liger", "cross_entropy"),
+        ):
+            ref = found.get((key(row), impl, loss))
+            if ref is None or ref is row or (name == "naive" and row["impl"] != "qseg"):
+                continue
+            row[f"peak_vs_{name}"] = row["peak_mb"] / ref["peak_mb"] if ref["peak_mb"] > 0 else None
+            if name != "naive":
+                row[f"ms_vs_{name}"] = row["ms"] / ref["ms"]
+
+
+def check_criteria(rows: list[dict[str, Any]]) -> list[str]:
+    """Mark qseg rows with the issues' acceptance criteria; return the lines to print."""
+    lines = []
+    for row in rows:
+        if row["impl"] != "qseg" or not common.measured(row):
+            continue
+        shape = f"{row['tokens']} tokens, V {row['vocab']}, d {row['hidden']}, {row['dtype']}"
+        if row["device"] == "cpu" and "peak_vs_naive" in row and "ms_vs_torch_ce" in row:
+            ok = row["peak_vs_naive"] <= ISSUE2_PEAK and row["ms_vs_torch_ce"] <= ISSUE2_TIME
+            row["issue2_pass"] = ok
+            lines.append(
+                f"issue 2 [{shape}] {row['loss']}: peak {row['peak_vs_naive']:.3f}x naive "
+                f"(<= {ISSUE2_PEAK}), time {row['ms_vs_torch_ce']:.2f}x torch CE "
+                f"(<= {ISSUE2_TIME}): {'PASS' if ok else 'FAIL'}"
+            )
+        if "peak_vs_liger" in row:
+            kind = LOSSES[row["loss"]].kind
+            peak_bound, time_bound = ISSUE5_BOUNDS[kind]
+            ok = row["peak_vs_liger"] <= peak_bound and row["ms_vs_liger"] <= time_bound
+            row["issue5_pass"] = ok
+            lines.append(
+                f"issue 5 [{shape}, {row['device']}] {row['loss']} ({kind}): peak "
+                f"{row['peak_vs_liger']:.2f}x Liger (<= {peak_bound}), time "
+                f"{row['ms_vs_liger']:.2f}x (<= {time_bound}): {'PASS' if ok else 'FAIL'}"
+            )
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    common.add_output_args(parser)
+    parser.add_argument("--shapes", nargs="+", help=f"heads: VxD or {', '.join(SHAPES)}")
+    parser.add_argument("--tokens", nargs="+", type=int, help="tokens per batch (B*T)")
+    parser.add_argument("--seq-len", type=int, help="T; the batch is tokens / T")
+    parser.add_argument("--dtype", choices=list(common.DTYPES))
+    parser.add_argument("--chunk-size", type=parse_chunk, help="qseg rows per chunk, or auto")
+    parser.add_argument("--reps", type=int, help="timed calls per case (median)")
+    parser.add_argument("--losses", nargs="+", default=available_losses())
+    parser.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU threads per case (default 1: on a shared machine, more threads "
+        "make times depend on other load)",
+    )
+    parser.add_argument(
+        "--isolate",
+        action="store_true",
+        help="a fresh process per case on CUDA too (always on CPU)",
+    )
+    parser.add_argument("--timeout", type=float, default=600, help="seconds per isolated case")
+    args = parser.parse_args(argv)
+
+    if args.case:
+        common.emit_row(run_case(json.loads(args.case)))
+        return
+    device = common.resolve_device(args.device)
+    for name, value in defaults(device, args.quick).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    common.check_out_path(args.out, args.overwrite)
+    cases = build_cases(args, device)
+    rows = run_all(cases, device, args.isolate or device.type == "cpu", args.timeout, args.out)
+    add_ratios(rows)
+    verdicts = check_criteria(rows)
+    print(f"\ndevice: {rows[0]['device'] if rows else device}; torch {torch.__version__}\n")
+    print(common.markdown_table(rows, COLUMNS))
+    print("\n".join(["", *verdicts]) if verdicts else "")
+    if args.out:
+        common.write_json(rows, args.out)
+    # Running out of memory is a result; a crashed case is a failure of the benchmark.
+    if any(row.get("error", "out of memory") != "out of memory" for row in rows):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# GPU check in one call: versions and imports, the GPU tests, and the three benchmarks.
+#
+#   usage (repository root, on the GPU machine): bash scripts/gpu_check.sh
+#
+# Packages the GPU image lacks (bitsandbytes, datasets, liger-kernel, cut-cross-entropy,
+# unsloth) come from .gpu-site, built here by ../shared/scripts/gpu-site.sh and carried.
+# Every step runs under `timeout`; a failed step does not stop the next, and the end
+# prints a summary. Results go to ${OUT:-benchmarks/results/gpu}, flat, five files:
+#   gpu_check.log  loss_memory_gpu.json  autotune_gpu.json  autotune_gpu.png  max_context_gpu.json
+# At most 7.7 minutes (the sum of the timeouts), usually about 6.
+set -u
+export PYTHONPATH="$PWD/.gpu-site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+out=${OUT:-benchmarks/results/gpu}
+steps=$(mktemp -d)
+mkdir -p "$out"
+summary=()
+
+# step NAME SECONDS COMMAND...: run it under timeout, its output also in $steps/NAME.
+step() {
+  local name=$1 limit=$2
+  shift 2
+  echo
+  echo "=== $name (timeout ${limit} s): $*"
+  local start=$SECONDS
+  timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$steps/$name"
+  local rc=${PIPESTATUS[0]}
+  local verdict="ok"
+  [ "$rc" = 124 ] && verdict="TIMED OUT"
+  [ "$rc" != 0 ] && [ "$rc" != 124 ] && verdict="FAILED (exit $rc)"
+  summary+=("$(printf '%-12s %-18s %4d s' "$name" "$verdict" $((SECONDS - start)))")
+}
+
+main() {
+  date -u +"%Y-%m-%d %H:%M UTC"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+  step env 20 python3 - <<'EOF'
+import importlib, importlib.metadata, platform
+print("python", platform.python_version())
+for name in ("torch", "transformers", "peft", "accelerate", "triton", "bitsandbytes",
+             "datasets", "liger_kernel", "cut_cross_entropy", "matplotlib", "qseg"):
+    try:
+        module = importlib.import_module(name)
+        version = getattr(module, "__version__", None)
+        print(f"{name:18} {version or importlib.metadata.version(name.replace('_', '-'))}")
+    except Exception as error:  # report every failing import, keep going
+        print(f"{name:18} IMPORT FAILED: {type(error).__name__}: {error}")
+import torch
+print("cuda", torch.version.cuda, "|", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "NO GPU")
+EOF
+  # The loss tests, torch.compile included (the unsloth model test, about a minute of
+  # compiling on its own, is left out to fit the device time).
+  step pytest_gpu 90 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_losses_gpu.py
+  step loss_memory 100 python3 -m benchmarks.loss_memory --device cuda --shapes llama3 \
+    --tokens 8192 --reps 5 --out "$out/loss_memory_gpu.json" --overwrite
+  step autotune 60 python3 -m benchmarks.autotune --device cuda --shapes llama3 --tokens 8192 \
+    --sizes 256 512 1024 2048 4096 --reps 3 --out "$out/autotune_gpu.json" --overwrite
+  # The search stops launching trials at --time-budget; in-flight ones end within --trial-timeout.
+  step max_context 190 python3 -m benchmarks.max_context --device cuda --models llama3.1-8b \
+    --caps 16 24 --jobs 3 --time-budget 100 --trial-timeout 80 \
+    --out "$out/max_context_gpu.json" --overwrite
+
+  echo
+  echo "=== summary"
+  printf '%s\n' "${summary[@]}"
+  echo "--- verdicts"
+  grep -h -E "^(issue [25]|\[.*\] .*within 10%)" "$steps"/* || echo "(no verdict lines)"
+  echo "--- files in $out"
+  ls -l "$out"
+}
+
+main 2>&1 | tee "$out/gpu_check.log"
+rm -rf "$steps"

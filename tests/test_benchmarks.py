@@ -1,0 +1,223 @@
+"""The benchmark scripts run end to end in quick mode on CPU, and the harness measures right.
+
+Each script runs as users run it (`python -m benchmarks.NAME --device cpu --quick`) in a
+subprocess; the JSON rows it writes are checked for the agreed schema and for figures
+that are positive and finite.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import common
+from benchmarks.max_context import Search, Searcher
+
+REPO = Path(__file__).resolve().parents[1]
+SCHEMA = {
+    "impl": str,
+    "loss": str,
+    "tokens": int,
+    "vocab": int,
+    "hidden": int,
+    "dtype": str,
+    "device": str,
+}
+
+
+def run_script(module: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=300,
+    )
+    if check:
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return done
+
+
+def load_rows(path: Path) -> list[dict]:
+    rows = json.loads(path.read_text())
+    assert isinstance(rows, list) and rows
+    for row in rows:
+        for key, kind in SCHEMA.items():
+            assert isinstance(row[key], kind), (key, row)
+        assert row["device"] == "cpu"
+        assert "peak_mb" in row and "ms" in row
+        if common.measured(row):
+            for key in ("peak_mb", "ms"):
+                assert math.isfinite(row[key]) and row[key] > 0, (key, row)
+    return rows
+
+
+def test_loss_memory_quick(tmp_path: Path) -> None:
+    out = tmp_path / "loss_memory.json"
+    losses = ["cross_entropy", "generalized_dice"]
+    done = run_script(
+        "benchmarks.loss_memory",
+        "--device",
+        "cpu",
+        "--quick",
+        "--out",
+        str(out),
+        "--losses",
+        *losses,
+    )
+    rows = load_rows(out)
+    by_impl = {(r["impl"], r["loss"]): r for r in rows}
+    expected = {(impl, "cross_entropy") for impl in ("torch", "liger", "cce")}
+    expected |= {(impl, loss) for impl in ("naive", "qseg") for loss in losses}
+    assert set(by_impl) == expected
+    for impl in ("liger", "cce"):  # no GPU here: a row that says why, not a silent gap
+        assert "CUDA" in by_impl[impl, "cross_entropy"]["skipped"]
+    for loss in losses:
+        qseg, naive = by_impl["qseg", loss], by_impl["naive", loss]
+        assert common.measured(qseg) and common.measured(naive)
+        assert qseg["chunk_size"] == 64
+        assert qseg["peak_vs_naive"] == pytest.approx(qseg["peak_mb"] / naive["peak_mb"])
+        assert qseg["ms_vs_torch_ce"] > 0 and isinstance(qseg["issue2_pass"], bool)
+    assert "| impl | loss |" in done.stdout and "issue 2 [" in done.stdout
+
+
+def test_autotune_quick(tmp_path: Path) -> None:
+    out = tmp_path / "autotune.json"
+    run_script(
+        "benchmarks.autotune", "--device", "cpu", "--quick", "--out", str(out), "--losses", "lovasz"
+    )
+    rows = load_rows(out)
+    qseg = [r for r in rows if r["impl"] == "qseg"]
+    sizes = sorted(r["chunk_size"] for r in qseg if not r["pick"])
+    assert sizes == [64, 128, 256]
+    (pick,) = [r for r in qseg if r["pick"]]
+    assert 0 < pick["chunk_size"] <= pick["valid_tokens"]
+    assert isinstance(pick["within_10pct"], bool) and pick["fastest_chunk"] in [
+        *sizes,
+        pick["chunk_size"],
+    ]
+    assert all(r["budget_mb"] > 0 and isinstance(r["fits_budget"], bool) for r in qseg)
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_max_context_cpu_trial(tmp_path: Path) -> None:
+    out = tmp_path / "max_context.json"
+    mix = "cross_entropy:0.6+generalized_dice:0.4"
+    run_script(
+        "benchmarks.max_context", "--device", "cpu", "--quick", "--mixes", mix, "--out", str(out)
+    )
+    rows = load_rows(out)
+    assert {r["impl"] for r in rows} == {"qseg", "naive"}
+    for row in rows:
+        assert row["status"] == "ok" and row["loss"] == mix and row["model"] == "tiny-llama"
+        assert row["cap_gb"] is None  # CPU runs one trial, no emulated cap
+        assert row["total_peak_mb"] >= row["peak_mb"] > 0
+
+
+def test_existing_output_is_not_overwritten(tmp_path: Path) -> None:
+    out = tmp_path / "taken.json"
+    out.write_text("[]")
+    done = run_script(
+        "benchmarks.loss_memory", "--device", "cpu", "--quick", "--out", str(out), check=False
+    )
+    assert done.returncode != 0 and "--overwrite" in done.stderr
+    assert out.read_text() == "[]"
+
+
+def test_cpu_peak_measures_an_allocation() -> None:
+    """A 64 MiB tensor made inside the measured call reads as 64 MiB, not the process's RSS."""
+    code = (
+        "import torch; from benchmarks import common; "
+        "big = torch.ones(1 << 22); "  # 16 MiB made before: excluded
+        "call = lambda: torch.ones(1 << 24).sum(); call(); "  # warm-up: thread pools etc.
+        "print(common.peak_added_mb(call, torch.device('cpu')))"
+    )
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONPATH=str(REPO))
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO
+    )
+    assert done.returncode == 0, done.stderr
+    assert float(done.stdout) == pytest.approx(64, abs=1.0)
+
+
+def test_zipf_labels() -> None:
+    labels = common.zipf_labels(4, 2000, 500, generator=torch.Generator().manual_seed(0))
+    valid = labels[labels != common.IGNORE_INDEX]
+    assert labels.shape == (4, 2000)
+    assert 0.08 < 1 - valid.numel() / labels.numel() < 0.12
+    assert valid.min() >= 0 and valid.max() < 500
+    counts = torch.bincount(valid, minlength=500).sort(descending=True).values
+    assert counts[0] > 10 * counts[50] > 0  # a heavy head, as in text
+
+
+def test_parse_mix() -> None:
+    assert common.parse_mix("lovasz") == "lovasz"
+    mix = common.parse_mix("cross_entropy:0.6+generalized_dice:0.4")
+    assert mix == {"cross_entropy": 0.6, "generalized_dice": 0.4}
+    assert common.mix_label(mix) == "cross_entropy:0.6+generalized_dice:0.4"
+    with pytest.raises(ValueError, match="name:weight"):
+        common.parse_mix("cross_entropy:lots")
+
+
+def simulate(searcher: Searcher, need_mb) -> None:
+    """Run the searcher to the end against a memory model, one trial at a time."""
+    model_mb = 5000.0
+    while True:
+        todo = [
+            (s, t)
+            for s in sorted(searcher.searches, key=lambda s: s.trials)
+            if (t := searcher.probe(s)) is not None
+        ]
+        if not todo:
+            return
+        s, tokens = todo[0]
+        s.busy = True
+        peak = model_mb + need_mb(tokens)
+        fits = peak <= s.cap_gb * 1024
+        row = {
+            "tokens": tokens,
+            "status": "ok" if fits else "oom",
+            "model_mb": model_mb,
+            "total_peak_mb": peak,
+            "peak_mb": peak - model_mb,
+            "ms": 1.0,
+        }
+        searcher.record(s, row)
+
+
+@pytest.mark.parametrize(
+    ("need_mb", "max_trials"),
+    [
+        (lambda t: 0.4 * t, 9),  # linear, as activations with flash attention
+        (lambda t: 0.4 * t * (1 + 0.01 * math.sin(t)), 9),  # with allocator noise
+        (lambda t: 0.2 * t + 2e-6 * t * t, 30),  # strongly superlinear
+    ],
+)
+def test_search_finds_the_longest_length_that_fits(need_mb, max_trials) -> None:
+    searches = [Search("m", "ce", "qseg", cap) for cap in (8, 16, 24)]
+    searcher = Searcher(512, 131072, 4096, searches, resolution=0.05)
+    simulate(searcher, need_mb)
+    for s in searches:
+        assert searcher.done(s) and s.hi is not None
+        assert s.hi - s.lo <= max(512, 0.05 * s.lo)
+        assert 5000 + need_mb(s.lo) <= s.cap_gb * 1024 < 5000 + need_mb(s.hi)
+    # Predictions from measured peaks and sharing between caps keep the search short.
+    assert sum(s.trials for s in searches) <= max_trials
+
+
+def test_search_stops_when_the_model_alone_does_not_fit() -> None:
+    searches = [Search("m", "ce", "naive", cap) for cap in (4, 8)]
+    searcher = Searcher(1024, 65536, 4096, searches)
+    searcher.record(searches[1], {"tokens": 4096, "status": "oom", "oom_stage": "build"})
+    assert all(searcher.done(s) and s.lo == 0 and s.model_too_big for s in searches)
