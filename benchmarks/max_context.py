@@ -260,7 +260,8 @@ def run_trial(case: dict[str, Any]) -> dict[str, Any]:
     )
     if device.type == "cuda" and case["cap_gb"] is not None:
         total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(case["cap_gb"] * GiB / total, device)
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        torch.cuda.set_per_process_memory_fraction(case["cap_gb"] * GiB / total, index)
     if device.type == "cpu":
         torch.set_num_threads(case["threads"])
     generator = torch.Generator().manual_seed(case["seed"])

@@ -141,8 +141,8 @@ def fused_linear_loss(
     token_part, region_part = split_by_kind(mixture)
     if not region_part:
         per_token = functional.weighted_token_loss(token_part)
-        total = engine.token_loss_sum(tokens.labels, per_token, rows, hiddens, weights, bias)
-        return total / (num_tokens or tokens.labels.shape[0])
+        scale = 1 / (num_tokens or tokens.labels.shape[0])
+        return engine.token_loss(tokens.labels, per_token, scale, rows, hiddens, weights, bias)
     classes, target = torch.unique(tokens.labels, return_inverse=True)
     logp = engine.column_log_probs(classes, rows, hiddens, weights, bias)
     stats = _class_stats(logp, target, tokens)

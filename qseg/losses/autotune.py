@@ -5,7 +5,8 @@ matmul's logits in their own dtype, two accumulation-dtype temporaries (the log-
 then the softmax turned in place into the logit gradient), and for half inputs the
 gradient cast back to half for the next matmuls: 12 bytes for float32 and for bf16
 (measured on CPU: 11.4 for both). Compiled (CUDA): the half logits and the half gradient,
-the fused kernels keep their float32 values in registers; 4 bytes are added as margin.
+the fused kernels keep their float32 values in registers; 2 bytes are added as margin
+(measured on an H100 with bf16: 3.5 for token-wise mixtures, 5.1 with region losses).
 `benchmarks/autotune.py` checks the estimate against measured peaks.
 """
 
@@ -20,7 +21,10 @@ from .engine import uses_compiled_kernels
 from .registry import normalize_losses, split_by_kind
 
 MiB = 1 << 20
-CUDA_BUDGET_CAP = 1024 * MiB
+# 384 MiB gives 512-row chunks at Llama-3's vocabulary: in the H100 sweep
+# (benchmarks/results/gpu/autotune_gpu.json) that kept region losses within 1.4x of
+# Liger's fused cross-entropy memory, while larger chunks gained at most 10% in speed.
+CUDA_BUDGET_CAP = 384 * MiB
 CPU_BUDGET_CAP = 128 * MiB
 # Row counts are rounded down to a multiple of this (when larger) to keep matmuls aligned.
 ROW_ALIGNMENT = 16
@@ -45,7 +49,7 @@ def bytes_per_logit(dtype: torch.dtype, compiled: bool = False) -> int:
     accumulate = 8 if dtype == torch.float64 else 4
     native = torch.finfo(dtype).bits // 8
     if compiled:
-        return 2 * native + 4
+        return 2 * native + 2
     return native + 2 * accumulate + (native if native < accumulate else 0)
 
 
@@ -56,11 +60,12 @@ def default_budget(device: torch.device) -> tuple[int, str]:
         allocated = torch.cuda.memory_allocated(device)
         # The caching allocator reuses its reserved-but-unused blocks; a per-process cap
         # (set_per_process_memory_fraction) is invisible to mem_get_info.
-        allowed = torch.cuda.get_per_process_memory_fraction(device) * total
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        allowed = torch.cuda.get_per_process_memory_fraction(index) * total
         cached = torch.cuda.memory_reserved(device) - allocated
         free = int(min(free + cached, allowed - allocated))
         budget = min(free // 8, CUDA_BUDGET_CAP)
-        return budget, f"1/8 of {free / MiB:.0f} MiB free to this process, capped at 1 GiB"
+        return budget, f"1/8 of {free / MiB:.0f} MiB free to this process, capped at 384 MiB"
     available = _available_ram()
     budget = min(available // 16, CPU_BUDGET_CAP)
     return budget, f"1/16 of {available / MiB:.0f} MiB available RAM, capped at 128 MiB"

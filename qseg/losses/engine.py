@@ -145,22 +145,23 @@ def _gradient_dtype(weights: Sequence[Tensor], dtype: torch.dtype) -> torch.dtyp
 
 
 class TokenLossFunction(torch.autograd.Function):
-    """Σ_t f(log p_t(y_t)) over rows, with its gradient formed during the forward.
+    """scale · Σ_t f(log p_t(y_t)) over rows, with its gradient formed during the forward.
 
-    Inputs: labels (n,), per_token_loss f: (c,) -> (c,), chunk_rows, bias (V,) or None,
-    then the parts h_1 (n, d_1), W_1 (V, d_1), h_2, W_2, ...
-    Output: a 0-dim tensor, the sum of f over all rows.
+    Inputs: labels (n,), per_token_loss f: (c,) -> (c,), scale, chunk_rows, bias (V,) or
+    None, then the parts h_1 (n, d_1), W_1 (V, d_1), h_2, W_2, ...
+    Output: a 0-dim tensor. The scale (1 / tokens for a mean) is applied inside, so the
+    upstream gradient is usually 1 and the gradient buffers are handed over uncopied.
     """
 
     @staticmethod
-    def forward(ctx, labels, per_token_loss, chunk_rows, bias, *parts):
+    def forward(ctx, labels, per_token_loss, scale, chunk_rows, bias, *parts):
         hiddens, weights = _split_parts(parts)
         dtype = accumulation_dtype(bias, *parts)
         grad_dtype = _gradient_dtype(weights, dtype)
         logsumexp = _kernel(_logsumexp, labels.device)
         scaled_softmax = _kernel(_scaled_softmax, labels.device)
-        sink = _GradientSink(hiddens, weights, bias, ctx.needs_input_grad[3:])
-        wants_grad = any(ctx.needs_input_grad[3:])
+        sink = _GradientSink(hiddens, weights, bias, ctx.needs_input_grad[4:])
+        wants_grad = any(ctx.needs_input_grad[4:])
         total = torch.zeros((), dtype=dtype, device=labels.device)
         for start in range(0, labels.shape[0], chunk_rows):
             rows = slice(start, start + chunk_rows)
@@ -175,6 +176,7 @@ class TokenLossFunction(torch.autograd.Function):
                 logp = logp.detach().requires_grad_()
                 loss = per_token_loss(logp).sum()
                 (g,) = torch.autograd.grad(loss, logp)
+                g = g * scale
             total += loss.detach()
             # d f / d z = g · (onehot(y) − p)
             dz = scaled_softmax(logits, lse, -g, grad_dtype)
@@ -183,13 +185,17 @@ class TokenLossFunction(torch.autograd.Function):
             sink.add(dz, rows)
         ctx.save_for_backward(*(g for g in sink.grads() if g is not None))
         ctx.present = [g is not None for g in sink.grads()]
-        return total
+        return total * scale
 
     @staticmethod
     def backward(ctx, grad_total):
         saved = iter(ctx.saved_tensors)
-        grads = [next(saved) * grad_total if present else None for present in ctx.present]
-        return None, None, None, *grads
+        grads = [next(saved) if present else None for present in ctx.present]
+        # With an upstream gradient of 1 autograd adopts the buffers as .grad; scaling
+        # them would copy each one, a (V, d) copy for a trainable head.
+        if not torch.equal(grad_total, torch.ones_like(grad_total)):
+            grads = [g * grad_total if g is not None else None for g in grads]
+        return None, None, None, None, *grads
 
 
 class HeadColumnsFunction(torch.autograd.Function):
@@ -236,17 +242,18 @@ class HeadColumnsFunction(torch.autograd.Function):
         return None, None, *sink.grads()
 
 
-def token_loss_sum(
+def token_loss(
     labels: Tensor,
     per_token_loss: Callable[[Tensor], Tensor],
+    scale: float,
     chunk_rows: int,
     hiddens: Sequence[Tensor],
     weights: Sequence[Tensor],
     bias: Tensor | None,
 ) -> Tensor:
-    """Σ_t f(log p_t(y_t)) over the rows (see `TokenLossFunction`)."""
+    """scale · Σ_t f(log p_t(y_t)) over the rows (see `TokenLossFunction`)."""
     parts = [t for pair in zip(hiddens, weights, strict=True) for t in pair]
-    return TokenLossFunction.apply(labels, per_token_loss, chunk_rows, bias, *parts)
+    return TokenLossFunction.apply(labels, per_token_loss, scale, chunk_rows, bias, *parts)
 
 
 def column_log_probs(

@@ -1,0 +1,166 @@
+"""The `qseg` command: `qseg train`, `qseg eval`, `qseg compare`.
+
+`qseg` alone, or `qseg train` alone, runs the default job (see `qseg.config.TrainConfig`);
+`qseg --max-steps 4` is `qseg train --max-steps 4`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from qseg import __version__
+from qseg.compare import add_compare_arguments, run_compare
+from qseg.config import BACKENDS, CE_SCOPES, FORMATS, PRESETS, QUANTIZATIONS, resolve_config
+from qseg.eval import add_eval_arguments, format_table, run_eval
+from qseg.losses import available_losses
+from qseg.train import train
+
+SUBCOMMANDS = ("train", "eval", "compare")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `qseg` console script; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or (argv[0] not in SUBCOMMANDS and argv[0] not in ("-h", "--help", "--version")):
+        argv.insert(0, "train")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        return args.run(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"qseg {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qseg",
+        description="Segmentation losses for (Q)LoRA fine-tuning of language models.",
+    )
+    parser.add_argument("--version", action="version", version=f"qseg {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="{train,eval,compare}")
+
+    train = commands.add_parser(
+        "train",
+        help="fine-tune a LoRA adapter (the default command)",
+        description="Fine-tune a LoRA adapter with a loss mixture. Without flags: a short "
+        "run of SmolLM2-135M-Instruct on a GSM8K sample, a few minutes on a CPU.",
+    )
+    add_train_arguments(train)
+    train.set_defaults(run=run_train)
+
+    evaluate = commands.add_parser("eval", help="generate answers and score them")
+    add_eval_arguments(evaluate)
+    evaluate.set_defaults(run=run_eval)
+
+    compare = commands.add_parser("compare", help="table and chart of several runs' scores")
+    add_compare_arguments(compare)
+    compare.set_defaults(run=run_compare)
+    return parser
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `qseg train` flags. Only the flags given reach the config (they override the
+    YAML file, which overrides the preset, which overrides the defaults)."""
+    add = parser.add_argument_group("settings").add_argument
+    parser.set_defaults(config_file=None)  # outside the settings: not a TrainConfig field
+    parser.add_argument(
+        "--config", dest="config_file", metavar="YAML", help="YAML file of settings"
+    )
+    add("--preset", choices=sorted(PRESETS), help="the paper's setup for a dataset")
+    add("--model", help="hub id, local folder or .gguf file (default: SmolLM2-135M-Instruct)")
+    add(
+        "--dataset",
+        help="gsm8k | mathqa | openbookqa | hellaswag | gsm8k-sample (default), a hub id, "
+        "or a local .jsonl/.json/.parquet file or folder of split files",
+    )
+    add("--split", help="training split (default: train)")
+    add("--format", choices=FORMATS, help="GSM8K answers: calculator steps or full rationale")
+    add(
+        "--loss",
+        help="comma-separated name[:weight][:param=value...], e.g. cross_entropy:0.6,lovasz:0.4 "
+        f"or focal:1:gamma=3, or a JSON object; names: {', '.join(available_losses())}",
+    )
+    add("--ce-scope", choices=CE_SCOPES, help="cross-entropy on the answer or the whole sequence")
+    add("--chunk-size", type=_chunk_size, help="rows per loss chunk, or auto (default)")
+    add("--max-steps", type=int, help="optimizer steps (default 30; see --epochs)")
+    add("--epochs", type=float, help="epochs, when --max-steps is not given")
+    add("--batch-size", type=int, help="examples per micro-batch")
+    add("--grad-accum", type=int, help="micro-batches per optimizer step")
+    add("--lr", type=float, help="peak learning rate")
+    add("--warmup-steps", type=int, help="linear warmup steps")
+    add("--weight-decay", type=float, help="AdamW weight decay")
+    add("--max-length", type=int, help="longest tokenized example; prompts are cut from the left")
+    add("--lora-r", type=int, help="LoRA rank")
+    add("--lora-alpha", type=int, help="LoRA alpha")
+    add("--lora-dropout", type=float, help="LoRA dropout")
+    add("--lora-targets", help="comma-separated module names, or all-linear")
+    add("--quantization", choices=QUANTIZATIONS, help="4bit (NF4) or none; auto: 4bit on CUDA")
+    add("--backend", choices=BACKENDS, help="auto: unsloth where it runs, else transformers")
+    add("--output-dir", help="where the run goes (default: runs/<timestamp>)")
+    add("--resume", action="store_true", help="continue the run in --output-dir")
+    add("--overwrite", action="store_true", help="replace the run in --output-dir")
+    add("--save-steps", type=int, help="checkpoint every N optimizer steps")
+    add("--seed", type=int, help="random seed")
+    add("--eval-samples", type=int, help="held-out examples scored after training (0: none)")
+    # Only the flags given should override lower layers: leave the others out of args.
+    for action in parser._actions:
+        if action.dest not in ("help", "config_file"):
+            action.default = argparse.SUPPRESS
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """`qseg train`: resolve the config, train, print where the results are."""
+    flags = {k: v for k, v in vars(args).items() if k not in ("command", "run", "config_file")}
+    cfg = resolve_config(flags, args.config_file)
+    record = train(cfg)
+    print(summary(record))
+    return 0
+
+
+def summary(record: dict[str, Any]) -> str:
+    """What a user reads after training: the result, where it is, and what to try next."""
+    out = record["output_dir"]
+    losses = record["losses"]
+    lines = [
+        "",
+        f"trained {record['steps']} steps of {record['model']} ({record['backend']}, "
+        f"{record['quantization']}) in {record['train_seconds']:.0f} s, "
+        f"{record['tokens_per_second']:.0f} tokens/s, "
+        f"peak memory {record['peak_memory_bytes'] / 2**30:.2f} GiB",
+        f"loss {losses[0]:.4f} -> {losses[-1]:.4f}" if losses else "no optimizer step was taken",
+    ]
+    if record["eval"] is not None:
+        lines += ["", f"held-out evaluation ({out}/eval.json):", format_table(record["eval"])]
+    next_steps = {
+        "score more held-out problems": f"qseg eval --adapter {out} --limit 50",
+        "train with another loss": f"qseg train --loss focal:1:gamma=3 --output-dir {out}-focal",
+        "compare the two runs": f"qseg compare {out} {out}-focal",
+        "the paper's GSM8K recipe": "qseg train --preset paper-gsm8k",
+    }
+    lines += [
+        "",
+        f"adapter: {out}  (load with PeftModel.from_pretrained(base_model, {str(out)!r}))",
+        f"record:  {Path(out) / 'run.json'}",
+        "",
+        "next:",
+        *(f"  {what + ':':<30} {command}" for what, command in next_steps.items()),
+    ]
+    return "\n".join(lines)
+
+
+def _chunk_size(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a number of rows or 'auto', got {text!r}"
+        ) from None

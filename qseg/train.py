@@ -1,0 +1,443 @@
+"""`qseg train`: LoRA / QLoRA fine-tuning with any loss mixture, inside transformers' Trainer.
+
+Read `train` top to bottom: check the output dir, read the data, load the model, tokenize,
+train, save the adapter, score a few held-out examples, write `run.json`. Everything that
+can be wrong with the input fails before the first optimizer step.
+
+The loss never materialises (B, T, V) logits: `LossTrainer.compute_loss` takes the last
+hidden states from the decoder and hands them, with the lm head, to
+`qseg.losses.fused_linear_loss`, which works through the vocabulary in chunks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers.trainer_callback import ProgressCallback
+from transformers.trainer_utils import get_last_checkpoint
+
+import qseg
+from qseg.config import CONFIG_FILE, TrainConfig
+from qseg.data import IGNORE_INDEX, DataCollator, Example, build_dataset, load_examples
+from qseg.eval import evaluate
+from qseg.losses import fused_linear_loss, plan_chunks
+from qseg.models import (
+    LoadedModel,
+    LoraSettings,
+    backbone_hidden_states,
+    default_model_source,
+    describe,
+    load_model,
+    output_head,
+)
+
+log = logging.getLogger(__name__)
+
+RUN_FILE = "run.json"
+RUNS_ROOT = Path("runs")
+GiB = 1 << 30
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Run one training job; returns the record also written to `<output_dir>/run.json`.
+
+    Raises:
+        ValueError / FileNotFoundError: bad data, model, loss or output dir, before training.
+    """
+    output_dir = check_output_dir(cfg)
+    examples = load_examples(cfg.dataset, cfg.split, fmt=cfg.format)
+    eval_examples = _held_out_examples(cfg)
+
+    set_seed(cfg.seed)  # before LoRA init, so the adapter's starting point is reproducible
+    loaded = load_model(
+        cfg.model or default_model_source(),
+        quantization=cfg.quantization,
+        backend=cfg.backend,
+        lora=LoraSettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets),
+        gradient_checkpointing=cfg.gradient_checkpointing,
+    )
+    features, dropped = build_dataset(examples, loaded.tokenizer, cfg.max_length)
+    if not features:
+        raise ValueError(
+            f"no training example of {cfg.dataset} fits max_length {cfg.max_length} "
+            f"(all {dropped} answers are longer); raise --max-length"
+        )
+
+    if output_dir.exists() and not cfg.resume:
+        shutil.rmtree(output_dir)  # check_output_dir allowed it: a previous run, --overwrite
+    output_dir.mkdir(parents=True, exist_ok=True)
+    cfg.save(output_dir / CONFIG_FILE)
+
+    monitor = StepMonitor()
+    trainer = LossTrainer(
+        model=loaded.model,
+        args=training_arguments(cfg, output_dir, loaded.dtype),
+        train_dataset=features,
+        data_collator=DataCollator(loaded.tokenizer.pad_token_id),
+        processing_class=loaded.tokenizer,
+        callbacks=[monitor],
+        loss_spec=cfg.loss,
+        ce_scope=cfg.ce_scope,
+        chunk_size=cfg.chunk_size,
+    )
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(ProgressBar())
+
+    _reset_peak_memory()
+    start = time.perf_counter()
+    result = trainer.train(
+        resume_from_checkpoint=get_last_checkpoint(str(output_dir)) if cfg.resume else None
+    )
+    train_seconds = time.perf_counter() - start
+    loaded.model.save_pretrained(output_dir)
+    loaded.tokenizer.save_pretrained(output_dir)
+
+    evaluation = None
+    if eval_examples:
+        evaluation = evaluate(
+            loaded.model,
+            loaded.tokenizer,
+            eval_examples,
+            batch_size=cfg.batch_size,
+            max_new_tokens=cfg.eval_max_new_tokens,
+        )
+    record = run_record(cfg, loaded, trainer, result.metrics, monitor, train_seconds, evaluation)
+    record["output_dir"] = str(output_dir)
+    record["data"] = {"train_examples": len(features), "dropped_too_long": dropped}
+    (output_dir / RUN_FILE).write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+    if evaluation is not None:
+        (output_dir / "eval.json").write_text(
+            json.dumps(evaluation, indent=2, ensure_ascii=False) + "\n"
+        )
+    return record
+
+
+# ---------------------------------------------------------------------------- the loss
+
+
+@dataclass(frozen=True)
+class TargetCounts:
+    """What a batch scores, after the causal shift: the normalisers of the loss terms."""
+
+    answer_tokens: int = 0  # positions with an answer label
+    sequence_tokens: int = 0  # non-pad positions (cross-entropy with ce_scope="sequence")
+    samples: int = 0  # samples with at least one answer label (region losses)
+
+    @classmethod
+    def of(cls, batch: dict[str, torch.Tensor]) -> TargetCounts:
+        answer = batch["labels"][:, 1:] != IGNORE_INDEX
+        return cls(
+            answer_tokens=int(answer.sum()),
+            sequence_tokens=int(batch["attention_mask"][:, 1:].sum()),
+            samples=int(answer.any(dim=1).sum()),
+        )
+
+    def __add__(self, other: TargetCounts) -> TargetCounts:
+        return TargetCounts(
+            self.answer_tokens + other.answer_tokens,
+            self.sequence_tokens + other.sequence_tokens,
+            self.samples + other.samples,
+        )
+
+
+class LossTrainer(Trainer):
+    """A Trainer whose loss is a qseg loss mixture on the last hidden states and the head.
+
+    Gradient accumulation: the Trainer hands every micro-batch the `TargetCounts` of the
+    whole accumulated batch (as `num_items_in_batch`). Token-wise terms divide their sum
+    by the accumulated token count and region terms weigh each micro-batch by its share
+    of the accumulated samples, so the summed micro-batch losses (and their gradients)
+    equal one large batch's: exactly for token-wise and per-sample region losses, and
+    approximately for the batch-global Lovász (`per_sample=False`).
+    """
+
+    # The loss is already scaled for accumulation: the Trainer must not divide it again.
+    loss_is_scaled_for_ga = True
+
+    def __init__(
+        self,
+        *args: Any,
+        loss_spec: dict[str, dict[str, Any]],
+        ce_scope: str = "answer",
+        chunk_size: int | str = "auto",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.loss_spec = loss_spec
+        self.ce_scope = ce_scope
+        self.chunk_size = chunk_size
+        # transformers < 5.24 has no `loss_is_scaled_for_ga` and reads this flag instead.
+        self.model_accepts_loss_kwargs = True
+
+    def get_batch_samples(
+        self, epoch_iterator: Iterator, num_batches: int, device: torch.device
+    ) -> tuple[list[dict[str, torch.Tensor]], TargetCounts]:
+        """The next accumulated batch and its `TargetCounts` (instead of a token count)."""
+        batches, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
+        return batches, sum((TargetCounts.of(batch) for batch in batches), TargetCounts())
+
+    def compute_loss(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, torch.Tensor],
+        return_outputs: bool = False,
+        num_items_in_batch: TargetCounts | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, dict]:
+        """The mixture on (hidden[:, :-1], labels[:, 1:]): position t predicts token t+1.
+
+        With ce_scope="sequence", cross-entropy scores every non-pad token (labels are the
+        input ids) and the other terms the answer tokens: two passes over the head.
+        """
+        totals = num_items_in_batch
+        if not isinstance(totals, TargetCounts):  # called outside the training loop
+            totals = TargetCounts.of(inputs)
+        hidden = backbone_hidden_states(model, inputs["input_ids"], inputs["attention_mask"])
+        hidden, head = hidden[:, :-1], output_head(model)
+        answer_labels = inputs["labels"][:, 1:]
+
+        answer_terms = dict(self.loss_spec)
+        parts = []
+        if self.ce_scope == "sequence" and "cross_entropy" in answer_terms:
+            ce = {"cross_entropy": answer_terms.pop("cross_entropy")}
+            sequence_labels = inputs["input_ids"][:, 1:].masked_fill(
+                inputs["attention_mask"][:, 1:] == 0, IGNORE_INDEX
+            )
+            parts.append(
+                self._fused(hidden, head, sequence_labels, ce, totals.sequence_tokens, None)
+            )
+        if answer_terms:
+            parts.append(
+                self._fused(
+                    hidden, head, answer_labels, answer_terms, totals.answer_tokens, totals.samples
+                )
+            )
+        loss = sum(parts[1:], parts[0])
+        return (loss, {}) if return_outputs else loss
+
+    def _fused(
+        self,
+        hidden: torch.Tensor,
+        head: torch.nn.Module,
+        labels: torch.Tensor,
+        terms: dict[str, dict[str, Any]],
+        num_tokens: int,
+        num_samples: int | None,
+    ) -> torch.Tensor:
+        return fused_linear_loss(
+            hidden,
+            head,
+            labels,
+            terms,
+            chunk_size=self.chunk_size,
+            num_tokens=num_tokens,
+            num_samples=num_samples,
+        )
+
+
+def training_arguments(cfg: TrainConfig, output_dir: Path, dtype: torch.dtype) -> TrainingArguments:
+    """The TrainingArguments of a run: one log entry (the step's loss) per optimizer step."""
+    cuda = torch.cuda.is_available()
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        max_steps=cfg.max_steps if cfg.max_steps is not None else -1,
+        num_train_epochs=cfg.epochs,
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.lr,
+        warmup_steps=cfg.warmup_steps,
+        weight_decay=cfg.weight_decay,
+        seed=cfg.seed,
+        bf16=cuda and dtype == torch.bfloat16,
+        fp16=cuda and dtype == torch.float16,
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=2,
+        report_to="none",
+        remove_unused_columns=False,  # the collator's batch is exactly what compute_loss reads
+        label_names=["labels"],
+        include_num_input_tokens_seen="non_padding",
+        dataloader_pin_memory=cuda,
+    )
+
+
+# ------------------------------------------------------------- progress and measurements
+
+
+class StepMonitor(TrainerCallback):
+    """Adds tokens/s (non-pad tokens since training began) and peak memory to each log."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = time.perf_counter()
+        self.first_tokens = state.num_input_tokens_seen
+        self.tokens_per_second = 0.0
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is None or "loss" not in logs:
+            return
+        seconds = time.perf_counter() - self.start
+        tokens = state.num_input_tokens_seen - self.first_tokens
+        self.tokens_per_second = tokens / seconds if seconds > 0 else 0.0
+        logs["tokens_per_s"] = round(self.tokens_per_second, 1)
+        logs["peak_memory_gb"] = round(peak_memory_bytes() / GiB, 3)
+
+
+class ProgressBar(ProgressCallback):
+    """Trainer's tqdm bar, with the step logs (loss, tokens/s, memory) in its postfix."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.training_bar is None or logs is None or "loss" not in logs:
+            return super().on_log(args, state, control, logs=logs, **kwargs)
+        self.training_bar.set_postfix(
+            loss=f"{logs['loss']:.4f}",
+            tok_s=f"{logs.get('tokens_per_s', 0):.0f}",
+            mem_gb=f"{logs.get('peak_memory_gb', 0):.2f}",
+        )
+
+
+def peak_memory_bytes() -> int:
+    """CUDA's peak allocated memory on a GPU, else this process's peak resident memory."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
+
+
+def _reset_peak_memory() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def run_record(
+    cfg: TrainConfig,
+    loaded: LoadedModel,
+    trainer: LossTrainer,
+    metrics: dict[str, float],
+    monitor: StepMonitor,
+    train_seconds: float,
+    evaluation: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """What `run.json` holds: how the run was set up, what it did, and how it scored."""
+    model = describe(loaded)
+    # The loss of every optimizer step, from the Trainer's log (restored on --resume).
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    head = output_head(loaded.model)
+    vocab, hidden_dim = head.weight.shape[0], head.in_features
+    plan = plan_chunks(
+        cfg.batch_size * cfg.max_length,
+        vocab,
+        hidden_dim,
+        loaded.dtype,
+        cfg.loss,
+        device=next(loaded.model.parameters()).device,
+    )
+    return {
+        "qseg_version": qseg.__version__,
+        "model": model["source"],
+        "backend": loaded.backend,
+        "quantization": loaded.quantization,
+        "dtype": model["dtype"],
+        "loss": cfg.loss,
+        "ce_scope": cfg.ce_scope,
+        "steps": trainer.state.global_step,
+        "losses": losses,
+        "final_loss": losses[-1] if losses else None,
+        "train_seconds": round(train_seconds, 2),
+        "tokens_per_second": round(monitor.tokens_per_second, 1),
+        "peak_memory_bytes": peak_memory_bytes(),
+        "peak_memory_kind": "cuda_max_allocated" if torch.cuda.is_available() else "cpu_peak_rss",
+        "chunk_plan": plan.as_dict() if cfg.chunk_size == "auto" else {"rows": cfg.chunk_size},
+        "trainer_metrics": metrics,
+        "model_info": model,
+        "eval": evaluation["summary"] if evaluation is not None else None,
+        "config": cfg.to_dict(),
+    }
+
+
+# ------------------------------------------------------------------ inputs and outputs
+
+
+def check_output_dir(cfg: TrainConfig) -> Path:
+    """The run's output dir, after checking that writing there loses nothing.
+
+    Allowed: a new or empty folder; a folder holding a previous run with `overwrite`
+    (replaced when training starts); a folder with checkpoints with `resume`.
+    """
+    if cfg.output_dir is None:
+        return fresh_run_dir(RUNS_ROOT)
+    output_dir = Path(cfg.output_dir)
+    if cfg.resume:
+        if get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None:
+            return output_dir
+        raise ValueError(
+            f"--resume: {output_dir} holds no checkpoint-N folder to continue from; "
+            "train into it without --resume first"
+        )
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ValueError(f"output dir {output_dir} is a file; choose a folder")
+    if output_dir.is_dir() and any(output_dir.iterdir()):
+        if not is_run_dir(output_dir):
+            raise ValueError(
+                f"output dir {output_dir} is not empty and does not hold a qseg run; "
+                "choose a new or empty --output-dir"
+            )
+        if not cfg.overwrite:
+            raise ValueError(
+                f"output dir {output_dir} holds another run; pass --overwrite to replace it, "
+                "--resume to continue it, or choose another --output-dir"
+            )
+    return output_dir
+
+
+def is_run_dir(folder: Path) -> bool:
+    """True when `folder` holds a qseg run (its config, its record, or a checkpoint)."""
+    return (
+        (folder / CONFIG_FILE).is_file()
+        or (folder / RUN_FILE).is_file()
+        or any(folder.glob("checkpoint-*"))
+    )
+
+
+def fresh_run_dir(root: Path) -> Path:
+    """runs/<YYYYmmdd-HHMMSS>, with a -2, -3, ... suffix when that name is taken."""
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    candidate, n = root / stamp, 1
+    while candidate.exists():
+        n += 1
+        candidate = root / f"{stamp}-{n}"
+    return candidate
+
+
+def _held_out_examples(cfg: TrainConfig) -> list[Example]:
+    """The first `eval_samples` examples of the eval split, read now so that a missing
+    split fails before training rather than after it."""
+    if cfg.eval_samples == 0:
+        return []
+    if Path(cfg.dataset).expanduser().is_file():
+        log.warning(
+            "no held-out evaluation: the dataset %s is one file, without a separate %s split; "
+            "score the adapter with `qseg eval --adapter DIR --dataset TEST_FILE`",
+            cfg.dataset,
+            cfg.eval_split,
+        )
+        return []
+    try:
+        return load_examples(cfg.dataset, cfg.eval_split, fmt=cfg.format, limit=cfg.eval_samples)
+    except (ValueError, FileNotFoundError) as err:
+        raise ValueError(
+            f"cannot read {cfg.eval_samples} held-out examples from split {cfg.eval_split!r} of "
+            f"{cfg.dataset}: {err}. Pass --eval-samples 0 to skip the evaluation, or name "
+            f"another split in the config (eval_split)"
+        ) from err

@@ -1,0 +1,281 @@
+"""qseg.train on a tiny random Llama: the loss wiring, gradient accumulation, a whole run,
+resume, output-dir safety; plus the real default job and a 4-bit run (slow)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, TrainingArguments
+
+from qseg.cli import main
+from qseg.config import TrainConfig, parse_loss_arg, resolve_config
+from qseg.data import IGNORE_INDEX, DataCollator, build_dataset, load_examples
+from qseg.losses import loss_from_logits
+from qseg.models import LoraSettings, load_model
+from qseg.train import LossTrainer, TargetCounts, check_output_dir, train
+
+MAX_LENGTH = 512  # byte-level tokens: long enough for whole GSM8K examples
+
+
+@pytest.fixture
+def loaded(tiny_llama_dir: Path):
+    """The tiny Llama with a fresh LoRA adapter; dropout 0 so that runs are deterministic."""
+    torch.manual_seed(0)
+    loaded = load_model(
+        str(tiny_llama_dir),
+        quantization="none",
+        backend="transformers",
+        lora=LoraSettings(dropout=0.0),
+    )
+    loaded.model.float()  # bf16 on a GPU: the exactness checks below want float32
+    return loaded
+
+
+@pytest.fixture(scope="module")
+def features(tiny_llama_dir: Path) -> list[dict]:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    examples = load_examples("gsm8k-sample", "train", limit=4)
+    rows, dropped = build_dataset(examples, tokenizer, MAX_LENGTH)
+    assert dropped == 0 and len(rows) == 4
+    # Unequal answers and sequences: a mean of per-micro-batch means would be wrong.
+    answer_lengths = {sum(label != IGNORE_INDEX for label in row["labels"]) for row in rows}
+    assert len(answer_lengths) == 4 and len({len(row["input_ids"]) for row in rows}) == 4
+    return rows
+
+
+def make_trainer(loaded, out: Path, features, loss: str, ce_scope: str, **args) -> LossTrainer:
+    settings = {
+        "per_device_train_batch_size": 2,
+        "report_to": "none",
+        "save_strategy": "no",
+        "dataloader_pin_memory": False,
+    }
+    return LossTrainer(
+        model=loaded.model,
+        args=TrainingArguments(output_dir=str(out), **{**settings, **args}),
+        train_dataset=features,
+        data_collator=DataCollator(loaded.tokenizer.pad_token_id),
+        loss_spec=parse_loss_arg(loss),
+        ce_scope=ce_scope,
+        chunk_size=7,  # several chunks, to exercise the chunked path
+    )
+
+
+def lora_params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+# --------------------------------------------------------------------------- the loss
+
+
+@pytest.mark.parametrize(
+    ("loss", "ce_scope"),
+    [
+        ("cross_entropy:0.6,generalized_dice:0.4", "answer"),
+        ("cross_entropy:0.5,focal:0.3,lovasz:0.2", "sequence"),
+    ],
+)
+def test_hidden_state_loss_equals_full_logit_loss(loaded, features, tmp_path, loss, ce_scope):
+    trainer = make_trainer(loaded, tmp_path, features, loss, ce_scope)
+    model = loaded.model
+    device = next(model.parameters()).device
+    batch = {
+        k: v.to(device) for k, v in DataCollator(loaded.tokenizer.pad_token_id)(features).items()
+    }
+
+    fused = trainer.compute_loss(model, batch)
+    fused_grads = torch.autograd.grad(fused, list(lora_params(model).values()))
+
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits, answer_labels = logits[:, :-1], batch["labels"][:, 1:]
+    spec = dict(trainer.loss_spec)
+    reference = logits.new_zeros(())
+    if ce_scope == "sequence":
+        sequence_labels = batch["input_ids"][:, 1:].masked_fill(
+            batch["attention_mask"][:, 1:] == 0, IGNORE_INDEX
+        )
+        reference = loss_from_logits(
+            logits, sequence_labels, {"cross_entropy": spec.pop("cross_entropy")}
+        )
+    reference = reference + loss_from_logits(logits, answer_labels, spec)
+    reference_grads = torch.autograd.grad(reference, list(lora_params(model).values()))
+
+    torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-6)
+    for got, want in zip(fused_grads, reference_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
+
+
+def test_target_counts_follow_the_causal_shift() -> None:
+    batch = {
+        "labels": torch.tensor([[-100, -100, 5, 6], [-100, -100, -100, -100]]),
+        "attention_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]]),
+    }
+    assert TargetCounts.of(batch) == TargetCounts(answer_tokens=2, sequence_tokens=5, samples=1)
+
+
+@pytest.mark.parametrize(
+    ("loss", "ce_scope"),
+    [
+        ("cross_entropy", "answer"),
+        ("cross_entropy", "sequence"),
+        ("focal:0.5,generalized_dice:0.5", "answer"),  # per-sample region losses are exact too
+    ],
+)
+def test_gradient_accumulation_equals_one_large_batch(loaded, features, tmp_path, loss, ce_scope):
+    """One SGD step (lr 1, no clipping) of 2 micro-batches x accum 2 vs 1 batch of 4:
+    the change of every LoRA weight is minus the gradient, so the gradients must match."""
+    start = {n: p.detach().clone() for n, p in lora_params(loaded.model).items()}
+    step = {
+        "optim": "sgd",
+        "learning_rate": 1.0,
+        "lr_scheduler_type": "constant",
+        "max_grad_norm": 0.0,
+        "max_steps": 1,
+        "disable_tqdm": True,
+    }
+
+    def gradient(batch_size: int, accumulation: int) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            for name, param in lora_params(loaded.model).items():
+                param.copy_(start[name])
+        trainer = make_trainer(
+            loaded, tmp_path, features, loss, ce_scope,
+            per_device_train_batch_size=batch_size, gradient_accumulation_steps=accumulation,
+            **step,
+        )  # fmt: skip
+        trainer.train()
+        return {n: start[n] - p.detach() for n, p in lora_params(loaded.model).items()}
+
+    accumulated, large = gradient(2, 2), gradient(4, 1)
+    assert any(g.abs().sum() > 0 for g in large.values())
+    for name in large:
+        torch.testing.assert_close(accumulated[name], large[name], rtol=1e-4, atol=1e-7)
+
+
+# ------------------------------------------------------------------------- whole runs
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """`qseg train` on the tiny Llama: 2 steps, a checkpoint at each, 2 held-out examples."""
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    argv = [
+        "train", "--model", str(tiny_llama_dir), "--output-dir", str(out),
+        "--max-steps", "2", "--save-steps", "1", "--batch-size", "2",
+        "--max-length", str(MAX_LENGTH), "--eval-samples", "2",
+        "--loss", "cross_entropy:0.6,lovasz:0.4", "--lr", "1e-3", "--quantization", "none",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    return out, json.loads((out / "run.json").read_text())
+
+
+def test_run_writes_adapter_tokenizer_config_and_record(tiny_run, tiny_llama_dir):
+    out, record = tiny_run
+    assert record["steps"] == 2
+    assert len(record["losses"]) == 2 and all(math.isfinite(x) for x in record["losses"])
+    assert (record["backend"], record["quantization"]) == ("transformers", "none")
+    assert record["loss"] == resolve_config({"loss": "cross_entropy:0.6,lovasz:0.4"}).loss
+    assert record["tokens_per_second"] > 0 and record["peak_memory_bytes"] > 0
+    assert record["chunk_plan"]["rows"] >= 1 and "budget" in record["chunk_plan"]["reason"]
+    assert record["eval"]["n"] == 2 and "exact_match" in record["eval"]
+    assert (out / "checkpoint-2").is_dir()
+    assert (out / "tokenizer_config.json").is_file()
+    assert resolve_config({}, out / "config.yaml").max_steps == 2
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    adapted = PeftModel.from_pretrained(base, out)
+    trained = {n: p for n, p in adapted.named_parameters() if "lora_B" in n}
+    assert trained and any(p.abs().sum() > 0 for p in trained.values())  # B starts at zero
+
+
+def test_resume_continues_from_the_last_checkpoint(tiny_run, tmp_path):
+    first, record = tiny_run
+    out = tmp_path / "resumed"
+    shutil.copytree(first, out)
+    resumed = train(resolve_config({"resume": True, "output_dir": str(out), "max_steps": 3}))
+    assert resumed["steps"] == 3
+    assert resumed["losses"][:2] == record["losses"]  # the first two steps were not redone
+    assert len(resumed["losses"]) == 3 and (out / "checkpoint-3").is_dir()
+    assert resumed["config"]["lr"] == 1e-3  # the saved config, not the defaults
+
+
+def test_output_dir_holding_a_run_is_refused_unless_asked(tiny_run, capsys):
+    out, _ = tiny_run
+    before = (out / "run.json").read_text()
+    assert main(["train", "--output-dir", str(out), "--max-steps", "1"]) == 2
+    assert "holds another run; pass --overwrite" in capsys.readouterr().err
+    assert (out / "run.json").read_text() == before
+    assert check_output_dir(TrainConfig(output_dir=str(out), overwrite=True)) == out
+
+
+def test_output_dir_with_foreign_files_is_refused_even_with_overwrite(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    for overwrite in (False, True):
+        with pytest.raises(ValueError, match="not empty and does not hold a qseg run"):
+            check_output_dir(TrainConfig(output_dir=str(tmp_path), overwrite=overwrite))
+
+
+def test_resume_needs_a_checkpoint(tmp_path):
+    with pytest.raises(ValueError, match="holds no checkpoint-N folder"):
+        check_output_dir(TrainConfig(output_dir=str(tmp_path), resume=True))
+
+
+def test_default_output_dirs_never_collide(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    first = check_output_dir(TrainConfig())
+    first.mkdir(parents=True)
+    second = check_output_dir(TrainConfig())
+    assert first.parent == second.parent == Path("runs") and first != second
+
+
+def test_unsloth_backend(tiny_llama_dir, tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("the unsloth backend needs a CUDA GPU and none is visible")
+    if importlib.util.find_spec("unsloth") is None:
+        pytest.skip("unsloth is not installed (pip install 'qseg[unsloth]')")
+    record = train(
+        TrainConfig(
+            model=str(tiny_llama_dir), backend="unsloth", max_steps=2, batch_size=2,
+            max_length=MAX_LENGTH, eval_samples=0, output_dir=str(tmp_path / "run"),
+        )
+    )  # fmt: skip
+    assert record["backend"] == "unsloth" and len(record["losses"]) == 2
+
+
+# -------------------------------------------------------------------- the real model
+
+
+@pytest.mark.slow
+def test_default_job(tmp_path, capsys):
+    """The README's promise: `qseg train --max-steps 4 --output-dir D`, nothing else."""
+    out = tmp_path / "D"
+    assert main(["train", "--max-steps", "4", "--output-dir", str(out)]) == 0
+    record = json.loads((out / "run.json").read_text())
+    assert len(record["losses"]) == 4 and all(math.isfinite(x) for x in record["losses"])
+    assert (out / "adapter_model.safetensors").is_file()
+    assert record["eval"]["n"] == TrainConfig().eval_samples
+    printed = capsys.readouterr().out
+    assert f"adapter: {out}" in printed and "qseg eval --adapter" in printed
+
+
+@pytest.mark.slow
+def test_4bit_run_with_a_segmentation_loss(tmp_path):
+    out = tmp_path / "D"
+    argv = [
+        "train", "--quantization", "4bit", "--max-steps", "2",
+        "--loss", "cross_entropy:0.6,lovasz:0.4", "--output-dir", str(out),
+        "--eval-samples", "1",  # 4-bit generation is slow on a CPU; one answer checks the path
+    ]  # fmt: skip
+    assert main(argv) == 0
+    record = json.loads((out / "run.json").read_text())
+    assert record["quantization"] == "4bit" and record["eval"]["n"] == 1
+    assert len(record["losses"]) == 2 and all(math.isfinite(x) for x in record["losses"])
