@@ -252,7 +252,7 @@ def token_loss(
     bias: Tensor | None,
 ) -> Tensor:
     """scale · Σ_t f(log p_t(y_t)) over the rows (see `TokenLossFunction`)."""
-    parts = [t for pair in zip(hiddens, weights, strict=True) for t in pair]
+    parts = _interleave(hiddens, weights)
     return TokenLossFunction.apply(labels, per_token_loss, scale, chunk_rows, bias, *parts)
 
 
@@ -264,5 +264,9 @@ def column_log_probs(
     bias: Tensor | None,
 ) -> Tensor:
     """(n, k) log p_t(c) of every row for the classes c in `columns` (k,)."""
-    parts = [t for pair in zip(hiddens, weights, strict=True) for t in pair]
-    return HeadColumnsFunction.apply(columns, chunk_rows, bias, *parts)
+    return HeadColumnsFunction.apply(columns, chunk_rows, bias, *_interleave(hiddens, weights))
+
+
+def _interleave(hiddens: Sequence[Tensor], weights: Sequence[Tensor]) -> list[Tensor]:
+    """[h_1, W_1, h_2, W_2, ...], the flat argument list of the autograd functions."""
+    return [t for pair in zip(hiddens, weights, strict=True) for t in pair]
