@@ -57,24 +57,10 @@ def defaults(device: torch.device, quick: bool) -> dict[str, Any]:
 
 
 def build_cases(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
-    seq_len = min(args.seq_len, args.tokens)
-    if args.tokens % seq_len:
-        raise ValueError(f"--tokens {args.tokens} is not a multiple of --seq-len {seq_len}")
     sizes = args.sizes or [2**k for k in range(6, 20) if 2**k <= args.tokens]
     cases = []
     for shape in args.shapes:
-        vocab, dim = loss_memory.parse_shape(shape)
-        base = dict(
-            tokens=args.tokens,
-            seq_len=seq_len,
-            vocab=vocab,
-            hidden=dim,
-            dtype=common.dtype_name(common.parse_dtype(args.dtype)),
-            device=str(device),
-            reps=args.reps,
-            seed=args.seed,
-            threads=args.threads,
-        )
+        base = loss_memory.base_case(args, device, shape, args.tokens)
         cases.append(dict(base, impl="torch", loss="cross_entropy", chunk_size=None))
         for loss in args.losses:
             cases += [

@@ -190,26 +190,32 @@ def defaults(device: torch.device, quick: bool) -> dict[str, Any]:
     )
 
 
+def base_case(
+    args: argparse.Namespace, device: torch.device, shape: str, tokens: int
+) -> dict[str, Any]:
+    """The fields every case of one shape and token count shares (also for autotune.py)."""
+    vocab, dim = parse_shape(shape)
+    seq_len = min(args.seq_len, tokens)
+    if tokens % seq_len:
+        raise ValueError(f"--tokens {tokens} is not a multiple of --seq-len {seq_len}")
+    return dict(
+        tokens=tokens,
+        seq_len=seq_len,
+        vocab=vocab,
+        hidden=dim,
+        dtype=common.dtype_name(common.parse_dtype(args.dtype)),
+        device=str(device),
+        reps=args.reps,
+        seed=args.seed,
+        threads=args.threads,
+    )
+
+
 def build_cases(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
     cases = []
     for shape in args.shapes:
-        vocab, dim = parse_shape(shape)
         for tokens in args.tokens:
-            seq_len = min(args.seq_len, tokens)
-            if tokens % seq_len:
-                raise ValueError(f"--tokens {tokens} is not a multiple of --seq-len {seq_len}")
-            base = dict(
-                tokens=tokens,
-                seq_len=seq_len,
-                vocab=vocab,
-                hidden=dim,
-                dtype=common.dtype_name(common.parse_dtype(args.dtype)),
-                device=str(device),
-                chunk_size=args.chunk_size,
-                reps=args.reps,
-                seed=args.seed,
-                threads=args.threads,
-            )
+            base = dict(base_case(args, device, shape, tokens), chunk_size=args.chunk_size)
             for impl in args.impls:
                 losses = ["cross_entropy"] if impl in CE_ONLY_IMPLS else args.losses
                 cases += [dict(base, impl=impl, loss=loss) for loss in losses]
