@@ -106,9 +106,13 @@ def test_no_valid_position_gives_zero_and_zero_grads(name):
     loss.backward()
     assert loss.item() == 0.0
     assert hidden.grad is not None and torch.all(hidden.grad == 0)
+    assert weight.grad is not None and torch.all(weight.grad == 0)
+    frozen_hidden = hidden.detach()  # still connected through the head alone
+    fused_linear_loss(frozen_hidden, weight, labels, name).backward()
     logits = (hidden @ weight.T).detach().requires_grad_()
-    loss_from_logits(logits, labels, name).backward()
-    assert torch.all(logits.grad == 0)
+    zero = loss_from_logits(logits, labels, name)
+    zero.backward()
+    assert zero.dtype == torch.float64 and torch.all(logits.grad == 0)
 
 
 def test_custom_ignore_index():

@@ -85,6 +85,16 @@ def _mixture_loss(
     return loss
 
 
+def _zero_loss(*inputs: Tensor | None) -> Tensor:
+    """0, connected to every input that requires grad, so backward gives zero gradients."""
+    dtype = engine.accumulation_dtype(*inputs)
+    zero = torch.zeros((), dtype=dtype, device=inputs[0].device)
+    for t in inputs:
+        if t is not None and t.requires_grad:
+            zero = zero + t.reshape(-1)[:0].sum().to(dtype)
+    return zero
+
+
 def _class_stats(logp: Tensor, target: Tensor, tokens: ValidTokens) -> functional.ClassStats:
     return functional.ClassStats(logp, target, tokens.sample, tokens.num_samples)
 
@@ -130,8 +140,8 @@ def fused_linear_loss(
         raise ValueError(f"bias must have shape ({vocab},); got {tuple(bias.shape)}")
     tokens = ValidTokens.select(labels, vocab, ignore_index)
     if tokens.index.numel() == 0:
-        # Connected to the graph so backward works, with zero gradients.
-        return hidden.reshape(-1)[:0].float().sum()
+        head = weight.parameters() if isinstance(weight, nn.Module) else [weight]
+        return _zero_loss(hidden, bias, *head)
     rows = _chunk_rows(chunk_size, chunk_memory, tokens, vocab, dim, hidden, mixture)
     h = hidden.reshape(-1, dim).index_select(0, tokens.index)
     hiddens, weights, bias = linear_parts(weight, h, bias)
@@ -192,7 +202,7 @@ def loss_from_logits(
     vocab = logits.shape[-1]
     tokens = ValidTokens.select(labels, vocab, ignore_index)
     if tokens.index.numel() == 0:
-        return logits.reshape(-1)[:0].float().sum()
+        return _zero_loss(logits)
     dtype = engine.accumulation_dtype(logits)
     z = logits.reshape(-1, vocab).index_select(0, tokens.index).to(dtype)
     lse = torch.logsumexp(z, dim=1, keepdim=True)
