@@ -6,8 +6,9 @@ NF4 with bitsandbytes (double quantization, bf16 compute), LoRA from peft on eve
 attention and MLP projection (`qseg.models.LoraSettings` defaults), non-reentrant
 gradient checkpointing, and peft's `prepare_model_for_kbit_training` as
 `qseg.models.load_model` applies it (it upcasts embeddings, norms and the head to fp32;
-`--bf16-head` keeps them bf16 as unsloth does). Batch 1, labels from a Zipf law with
-10% ignored. One trial = one fresh process that caps its CUDA memory with
+`--bf16-head` keeps them bf16 as unsloth does), and the step under bf16 autocast as
+`qseg train` runs it. Batch 1, labels from a Zipf law with 10% ignored. One trial = one
+fresh process that caps its CUDA memory with
 `torch.cuda.set_per_process_memory_fraction(cap / card memory)`, builds the model layer
 by layer under that cap, and runs one AdamW step:
 - `qseg`: decoder hidden states -> `qseg.losses.FusedLinearLoss` on the head (chunk "auto");
@@ -125,6 +126,8 @@ COLUMNS = (
     "vs_naive",
     "vs_ce",
 )
+# How far below the other mixes' predicted limit a search without trials of its own starts.
+PEER_MARGIN = 0.05
 # Memory a concurrent trial holds outside its cap (CUDA context, cuBLAS, bitsandbytes).
 TRIAL_OVERHEAD_GB = 1.5
 
@@ -231,11 +234,13 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, case: dict, l
 
     mix = common.parse_mix(case["loss"])
     optimizer.zero_grad(set_to_none=True)
-    if case["impl"] == "naive":
-        loss = loss_from_logits(model(input_ids=ids, use_cache=False).logits, labels, mix)
-    else:
-        hidden = backbone_hidden_states(model, ids)
-        loss = FusedLinearLoss(mix, chunk_size="auto")(hidden, output_head(model), labels)
+    # bf16 mixed precision, as `qseg train` runs on a GPU (the Trainer's autocast).
+    with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=ids.is_cuda):
+        if case["impl"] == "naive":
+            loss = loss_from_logits(model(input_ids=ids, use_cache=False).logits, labels, mix)
+        else:
+            hidden = backbone_hidden_states(model, ids)
+            loss = FusedLinearLoss(mix, chunk_size="auto")(hidden, output_head(model), labels)
     loss.backward()
     optimizer.step()
 
@@ -357,23 +362,37 @@ class Searcher:
         """The next length to try for `s`, or None when it must wait or is done."""
         if s.busy or self.done(s):
             return None
-        points = self.points.get(s.group)
-        if not points and s.lo == 0 and s.hi is None:
+        # Until a search has its own trials, the other mixes' (same model and impl) guide
+        # it: the decoder's memory dominates, the loss shifts it only a little, so their
+        # prediction less a margin most likely fits.
+        own = self.points.get(s.group)
+        guess = self._predict(own, s.cap_gb) if own else self._peer_guess(s)
+        if guess is None and not own and s.lo == 0 and s.hi is None:
             busy_peer = any(o.busy for o in self.searches if o.group == s.group)
             return None if busy_peer else self.start_tokens
         hi = self._hi(s)
-        guess = self._predict(points, s.cap_gb) if points else None
         if guess is None or guess >= hi:
             # The line overshot: memory grows a little faster than linearly. Right below
             # the OOM is then the best bet, once; after that, bisect.
             guess = hi - self.step(s) if s.misses == 0 and guess else (s.lo + hi) // 2
         return max(guess // self.granularity * self.granularity, s.lo + self.step(s))
 
+    def _peer_guess(self, s: Search) -> int | None:
+        """The lowest limit the other mixes' trials predict for `s`'s cap, less a margin."""
+        guesses = [
+            self._predict(points, s.cap_gb)
+            for (model, loss, impl), points in self.points.items()
+            if model == s.model and impl == s.impl and loss != s.loss
+        ]
+        guesses = [g for g in guesses if g is not None]
+        return int(min(guesses) * (1 - PEER_MARGIN)) if guesses else None
+
     @staticmethod
     def _predict(points: list[tuple[int, float, float]], cap_gb: float) -> int | None:
         """Where the peak reaches the cap, on the line through the two longest fitting
         trials (one trial: the line through it and the model's own memory)."""
         (tokens, model_mb, peak_mb), *rest = sorted(set(points), reverse=True)
+        rest = [point for point in rest if point[0] < tokens]
         before_tokens, before_mb = (rest[0][0], rest[0][2]) if rest else (0, model_mb)
         per_token = (peak_mb - before_mb) / (tokens - before_tokens)
         if per_token <= 0:
@@ -396,7 +415,10 @@ class Searcher:
             s.misses += 1
             too_big = row.get("oom_stage") == "build"  # then no length can train
             for other in self.searches:
-                if other.group == s.group and other.cap_gb <= s.cap_gb:
+                # The build does not depend on the loss: a model too big for this cap is
+                # too big for every mix and impl under it.
+                related = other.model == s.model if too_big else other.group == s.group
+                if related and other.cap_gb <= s.cap_gb:
                     bound = self.granularity if too_big else tokens
                     other.hi = bound if other.hi is None else min(other.hi, bound)
                     other.model_too_big = other.model_too_big or too_big

@@ -152,6 +152,11 @@ class TargetCounts:
         )
 
 
+def shift_left(labels: torch.Tensor) -> torch.Tensor:
+    """(B, T) labels of the next position: labels[:, 1:], then IGNORE_INDEX at the end."""
+    return torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+
+
 class LossTrainer(Trainer):
     """A Trainer whose loss is a qseg loss mixture on the last hidden states and the head.
 
@@ -195,34 +200,43 @@ class LossTrainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: TargetCounts | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, dict]:
-        """The mixture on (hidden[:, :-1], labels[:, 1:]): position t predicts token t+1.
+        """The mixture on (hidden, labels shifted left): position t predicts token t+1.
 
         With ce_scope="sequence", cross-entropy scores every non-pad token (labels are the
         input ids) and the other terms the answer tokens: two passes over the head.
+        Runs under the accelerator's autocast, which the Trainer only applies to
+        `model.forward` (bypassed here), so bf16 training keeps bf16 activations.
         """
         totals = num_items_in_batch
         if not isinstance(totals, TargetCounts):  # called outside the training loop
             totals = TargetCounts.of(inputs)
-        hidden = backbone_hidden_states(model, inputs["input_ids"], inputs["attention_mask"])
-        hidden, head = hidden[:, :-1], output_head(model)
-        answer_labels = inputs["labels"][:, 1:]
+        with self.accelerator.autocast():
+            hidden = backbone_hidden_states(model, inputs["input_ids"], inputs["attention_mask"])
+            head = output_head(model)
+            # Shifting the labels, not the hidden states, keeps those contiguous: the loss
+            # then reads them in place. The last position has no next token to score.
+            answer_labels = shift_left(inputs["labels"])
 
-        answer_terms = dict(self.loss_spec)
-        parts = []
-        if self.ce_scope == "sequence" and "cross_entropy" in answer_terms:
-            ce = {"cross_entropy": answer_terms.pop("cross_entropy")}
-            sequence_labels = inputs["input_ids"][:, 1:].masked_fill(
-                inputs["attention_mask"][:, 1:] == 0, IGNORE_INDEX
-            )
-            parts.append(
-                self._fused(hidden, head, sequence_labels, ce, totals.sequence_tokens, None)
-            )
-        if answer_terms:
-            parts.append(
-                self._fused(
-                    hidden, head, answer_labels, answer_terms, totals.answer_tokens, totals.samples
+            answer_terms = dict(self.loss_spec)
+            parts = []
+            if self.ce_scope == "sequence" and "cross_entropy" in answer_terms:
+                ce = {"cross_entropy": answer_terms.pop("cross_entropy")}
+                padding = inputs["attention_mask"] == 0
+                sequence_labels = shift_left(inputs["input_ids"].masked_fill(padding, IGNORE_INDEX))
+                parts.append(
+                    self._fused(hidden, head, sequence_labels, ce, totals.sequence_tokens, None)
                 )
-            )
+            if answer_terms:
+                parts.append(
+                    self._fused(
+                        hidden,
+                        head,
+                        answer_labels,
+                        answer_terms,
+                        totals.answer_tokens,
+                        totals.samples,
+                    )
+                )
         loss = sum(parts[1:], parts[0])
         return (loss, {}) if return_outputs else loss
 

@@ -78,6 +78,48 @@ def test_fused_matches_reference(case, chunk_size):
     assert_close(grads(actual, hidden, weight, bias), grads(expected, hidden, weight, bias))
 
 
+@pytest.mark.parametrize(
+    "case", ["focal", "lovasz", {"cross_entropy": 0.6, "dice": 0.4}], ids=case_id
+)
+@pytest.mark.parametrize("chunk_size", [2, 7])
+def test_fused_matches_reference_when_every_position_is_scored(case, chunk_size):
+    """No ignored position: the engine walks the hidden states in slices, not gathers."""
+    hidden, weight, bias, labels = make_batch(seed=3)
+    labels = labels.clamp(min=0)
+    mixture = normalize_losses(case)
+    expected = reference_loss(hidden @ weight.T + bias, labels, mixture)
+    actual = fused_linear_loss(hidden, weight, labels, case, bias=bias, chunk_size=chunk_size)
+    assert_close([actual], [expected])
+    assert_close(grads(actual, hidden, weight, bias), grads(expected, hidden, weight, bias))
+
+
+@pytest.mark.parametrize("name", ["cross_entropy", "generalized_dice"])
+def test_ignored_positions_get_exactly_zero_hidden_gradient(name):
+    hidden, weight, _, labels = make_batch(seed=4)
+    (grad,) = grads(fused_linear_loss(hidden, weight, labels, name, chunk_size=3), hidden)
+    assert grad.shape == hidden.shape
+    assert torch.all(grad[labels == -100] == 0)
+    assert torch.all(grad[labels != -100].abs().sum(-1) > 0)
+
+
+@pytest.mark.parametrize(
+    "case", ["cross_entropy", "lovasz", {"focal": 0.5, "dice": 0.5}], ids=case_id
+)
+def test_under_autocast_the_head_runs_in_the_autocast_dtype(case):
+    """As `hidden @ W.T` would under autocast: bf16 matmuls, float32 loss and gradients."""
+    hidden, weight, _, labels = make_batch(seed=5, dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        actual = fused_linear_loss(hidden, weight, labels, case, chunk_size=4)
+        naive = loss_from_logits(hidden @ weight.T, labels, case)
+    assert actual.dtype == naive.dtype == torch.float32
+    torch.testing.assert_close(actual, naive, rtol=1e-4, atol=1e-4)
+    expected = reference_loss(hidden.double() @ weight.double().T, labels, normalize_losses(case))
+    torch.testing.assert_close(actual.double(), expected, rtol=3e-2, atol=3e-2)
+    actual_grads = grads(actual, hidden, weight)
+    assert [g.dtype for g in actual_grads] == [torch.float32, torch.float32]
+    assert_close(actual_grads, grads(naive, hidden, weight), rtol=2e-2, atol=2e-3)
+
+
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_loss_from_logits_matches_reference(case):
     hidden, weight, bias, labels = make_batch(seed=1)
@@ -246,6 +288,22 @@ def test_plan_never_breaks_its_budget():
     assert {"rows", "reason"} <= set(auto.as_dict())
     with pytest.raises(ValueError, match="cannot hold one row"):
         plan_chunks(10, 32000, 64, torch.float32, chunk_memory=1000)
+
+
+def test_token_wise_chunks_hold_no_more_logits_than_the_hidden_states(monkeypatch):
+    from qseg.losses import autotune
+
+    monkeypatch.setattr(autotune, "default_budget", lambda device: (1 << 30, "1 GiB (test)"))
+    n, vocab, dim = 32768, 32000, 384
+    token = plan_chunks(n, vocab, dim, torch.float32, {"cross_entropy": 0.5, "focal": 0.5})
+    region = plan_chunks(n, vocab, dim, torch.float32, "lovasz")
+    assert token.rows * vocab <= n * dim < (token.rows + autotune.ROW_ALIGNMENT) * vocab
+    assert "n·d" in token.reason and token.budget_bytes < 1 << 30
+    assert region.budget_bytes == 1 << 30 and region.rows > 2 * token.rows
+    short = plan_chunks(1000, vocab, dim, torch.float32, "cross_entropy")
+    assert short.rows == autotune.MIN_TOKEN_ROWS  # n·d / V would be 12 rows
+    given = plan_chunks(n, vocab, dim, torch.float32, "cross_entropy", chunk_memory=1 << 30)
+    assert given.rows == region.rows  # a given budget is taken as it is
 
 
 def test_auto_chunks_respect_chunk_memory():

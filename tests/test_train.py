@@ -114,6 +114,28 @@ def test_hidden_state_loss_equals_full_logit_loss(loaded, features, tmp_path, lo
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
 
 
+def test_loss_runs_under_the_trainers_mixed_precision(loaded, features, tmp_path):
+    """bf16=True: the decoder runs in bf16 (the Trainer autocasts only model.forward, which
+    compute_loss bypasses), and the loss stays close to the float32 one."""
+    cpu = not torch.cuda.is_available()
+    trainer = make_trainer(
+        loaded, tmp_path, features, "ce:0.5,gdice:0.5", "answer", bf16=True, use_cpu=cpu
+    )
+    assert trainer.accelerator.mixed_precision == "bf16"
+    device = next(loaded.model.parameters()).device
+    batch = {
+        k: v.to(device) for k, v in DataCollator(loaded.tokenizer.pad_token_id)(features).items()
+    }
+    seen = []
+    projection = next(m for n, m in loaded.model.named_modules() if n.endswith("q_proj"))
+    hook = projection.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    mixed = trainer.compute_loss(loaded.model, batch)
+    hook.remove()
+    assert seen == [torch.bfloat16] and mixed.dtype == torch.float32
+    full = make_trainer(loaded, tmp_path, features, "ce:0.5,gdice:0.5", "answer")
+    torch.testing.assert_close(mixed, full.compute_loss(loaded.model, batch), rtol=2e-2, atol=0)
+
+
 def test_target_counts_follow_the_causal_shift() -> None:
     batch = {
         "labels": torch.tensor([[-100, -100, 5, 6], [-100, -100, -100, -100]]),

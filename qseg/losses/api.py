@@ -142,19 +142,58 @@ def fused_linear_loss(
     if tokens.index.numel() == 0:
         head = weight.parameters() if isinstance(weight, nn.Module) else [weight]
         return _zero_loss(hidden, bias, *head)
-    rows = _chunk_rows(chunk_size, chunk_memory, tokens, vocab, dim, hidden, mixture)
-    h = hidden.reshape(-1, dim).index_select(0, tokens.index)
+    # The engine gathers each chunk's scored rows itself: no (n, d) copy of the hidden
+    # states, and their gradient is written straight into the (B·T, d) result.
+    h = hidden.reshape(-1, dim)
+    index = None if tokens.index.numel() == h.shape[0] else tokens.index
     hiddens, weights, bias = linear_parts(weight, h, bias)
+    hiddens, weights = _autocast_parts(hiddens, weights, hidden.device)
+    rows = _chunk_rows(chunk_size, chunk_memory, tokens, vocab, dim, weights[0], mixture)
     dtype = engine.accumulation_dtype(*hiddens, *weights)
     bias = bias.to(dtype) if bias is not None else None
+    # The engine and the mixture manage their own precision; autocast would recast them.
+    with torch.autocast(hidden.device.type, enabled=False):
+        return _fused_mixture(
+            mixture, tokens, rows, hiddens, weights, bias, index, num_tokens, num_samples
+        )
 
+
+def _autocast_parts(
+    hiddens: list[Tensor], weights: list[Tensor], device: torch.device
+) -> tuple[list[Tensor], list[Tensor]]:
+    """Under autocast, the head's float32 parts in the autocast dtype, cast once for all
+    chunks: the matmuls then run as `hidden @ W.T` would under that autocast."""
+    if not torch.is_autocast_enabled(device.type):
+        return hiddens, weights
+    low = torch.get_autocast_dtype(device.type)
+
+    def cast(parts: list[Tensor]) -> list[Tensor]:
+        return [p.to(low) if p.dtype == torch.float32 else p for p in parts]
+
+    return cast(hiddens), cast(weights)
+
+
+def _fused_mixture(
+    mixture: dict[str, dict[str, Any]],
+    tokens: ValidTokens,
+    rows: int,
+    hiddens: list[Tensor],
+    weights: list[Tensor],
+    bias: Tensor | None,
+    index: Tensor | None,
+    num_tokens: int | None,
+    num_samples: int | None,
+) -> Tensor:
+    """The mixture through the engine: one fused pass, or column log-probs and functional."""
     token_part, region_part = split_by_kind(mixture)
     if not region_part:
         per_token = functional.weighted_token_loss(token_part)
         scale = 1 / (num_tokens or tokens.labels.shape[0])
-        return engine.token_loss(tokens.labels, per_token, scale, rows, hiddens, weights, bias)
+        return engine.token_loss(
+            tokens.labels, per_token, scale, rows, hiddens, weights, bias, index
+        )
     classes, target = torch.unique(tokens.labels, return_inverse=True)
-    logp = engine.column_log_probs(classes, rows, hiddens, weights, bias)
+    logp = engine.column_log_probs(classes, rows, hiddens, weights, bias, index)
     stats = _class_stats(logp, target, tokens)
     return _mixture_loss(mixture, tokens, stats.label_logp(), stats, num_tokens, num_samples)
 
@@ -165,17 +204,18 @@ def _chunk_rows(
     tokens: ValidTokens,
     vocab: int,
     dim: int,
-    hidden: Tensor,
+    head_weight: Tensor,
     mixture: dict,
 ) -> int:
+    """Rows per chunk: `chunk_size` checked, or the tuner's pick for the head's dtype."""
     if chunk_size == "auto":
         plan = plan_chunks(
             tokens.index.numel(),
             vocab,
             dim,
-            hidden.dtype,
+            head_weight.dtype,
             mixture,
-            device=hidden.device,
+            device=head_weight.device,
             chunk_memory=chunk_memory,
         )
         return plan.rows
@@ -203,6 +243,18 @@ def loss_from_logits(
     tokens = ValidTokens.select(labels, vocab, ignore_index)
     if tokens.index.numel() == 0:
         return _zero_loss(logits)
+    with torch.autocast(logits.device.type, enabled=False):
+        return _mixture_from_logits(logits, tokens, mixture, num_tokens, num_samples)
+
+
+def _mixture_from_logits(
+    logits: Tensor,
+    tokens: ValidTokens,
+    mixture: dict[str, dict[str, Any]],
+    num_tokens: int | None,
+    num_samples: int | None,
+) -> Tensor:
+    vocab = logits.shape[-1]
     dtype = engine.accumulation_dtype(logits)
     z = logits.reshape(-1, vocab).index_select(0, tokens.index).to(dtype)
     lse = torch.logsumexp(z, dim=1, keepdim=True)

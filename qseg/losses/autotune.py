@@ -1,13 +1,18 @@
 """How many rows per chunk: the auto-tuner behind `chunk_size="auto"`.
 
-One chunk's transient memory is about `bytes_per_logit · rows · V`. Eager (CPU): the
-matmul's logits in their own dtype, two accumulation-dtype temporaries (the log-sum-exp's,
-then the softmax turned in place into the logit gradient), and for half inputs the
-gradient cast back to half for the next matmuls: 12 bytes for float32 and for bf16
-(measured on CPU: 11.4 for both). Compiled (CUDA): the half logits and the half gradient,
-the fused kernels keep their float32 values in registers; 2 bytes are added as margin
-(measured on an H100 with bf16: 3.5 for token-wise mixtures, 5.1 with region losses).
-`benchmarks/autotune.py` checks the estimate against measured peaks.
+One chunk's transient memory is about `bytes_per_row = bytes_per_logit · V + 2 · d ·
+itemsize` (its logits, plus its gathered hidden rows and their gradient). The logit
+gradient is written over the logits, so per logit that is, eager (CPU): the logits in
+their own dtype and one accumulation-dtype temporary (the log-sum-exp's), plus for half
+inputs their float32 upcast: 8 bytes for float32, 10 for bf16. Compiled (CUDA): the half
+logits alone, the fused kernels keeping their float32 values in registers, plus a margin
+of 2 bytes. `benchmarks/autotune.py` checks these estimates against measured peaks.
+
+The budget comes from the memory free on the device (`default_budget`). Token-wise
+mixtures are further held to chunks whose logits have no more entries than the scored
+tokens' hidden states (n·d), as fused cross-entropy kernels do: their transient then stays
+below the hidden-state gradient they produce anyway. Region losses take the whole budget:
+their backward walks the head a second time, so larger chunks pay off more.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ CUDA_BUDGET_CAP = 384 * MiB
 CPU_BUDGET_CAP = 128 * MiB
 # Row counts are rounded down to a multiple of this (when larger) to keep matmuls aligned.
 ROW_ALIGNMENT = 16
+# Token-wise chunks get at least this many rows: fewer would re-read the head for little gain.
+MIN_TOKEN_ROWS = 128
 
 
 @dataclass(frozen=True)
@@ -49,8 +56,13 @@ def bytes_per_logit(dtype: torch.dtype, compiled: bool = False) -> int:
     accumulate = 8 if dtype == torch.float64 else 4
     native = torch.finfo(dtype).bits // 8
     if compiled:
-        return 2 * native + 2
-    return native + 2 * accumulate + (native if native < accumulate else 0)
+        return native + 2
+    return native + accumulate + (accumulate if native < accumulate else 0)
+
+
+def bytes_per_row(vocab: int, hidden_dim: int, dtype: torch.dtype, compiled: bool) -> int:
+    """Transient bytes per row of one chunk: its logits, gathered hidden row and gradient."""
+    return bytes_per_logit(dtype, compiled) * vocab + 2 * hidden_dim * dtype.itemsize
 
 
 def default_budget(device: torch.device) -> tuple[int, str]:
@@ -96,36 +108,47 @@ def plan_chunks(
 
     Args:
         n_tokens: valid tokens to score; a chunk never has more rows.
-        vocab: V. hidden_dim: d (recorded in the reason; the transient does not depend on it).
+        vocab: V. hidden_dim: d.
         dtype: dtype of the hidden states and head.
-        losses: the mixture (any form `normalize_losses` takes) or None. Token-wise
-            mixtures take the fused path, the others the recompute path; both hold the
-            same per-chunk transient, so it only names the path in the reason.
+        losses: the mixture (any form `normalize_losses` takes) or None. A token-wise
+            mixture takes the fused path, whose default budget is also held to the scored
+            hidden states' size (see the module docstring); None is treated as a region
+            mixture.
         device: where the loss runs; sets the default budget.
-        chunk_memory: byte budget for one chunk; None takes `default_budget(device)`.
+        chunk_memory: byte budget for one chunk, taken as given; None takes
+            `default_budget(device)`.
 
     Raises:
         ValueError: the budget cannot hold even one row.
     """
     device = torch.device(device)
+    token_path = losses is not None and _token_only(losses)
+    per_row = bytes_per_row(vocab, hidden_dim, dtype, uses_compiled_kernels(device))
     if chunk_memory is None:
         budget, why = default_budget(device)
+        if token_path:
+            hidden_rows = max(MIN_TOKEN_ROWS, n_tokens * hidden_dim // vocab)
+            if hidden_rows * per_row < budget:
+                budget = hidden_rows * per_row
+                why = (
+                    f"token-wise: logits of at most n·d = {n_tokens}·{hidden_dim} entries "
+                    f"(at least {MIN_TOKEN_ROWS} rows), within {why}"
+                )
     else:
         if isinstance(chunk_memory, bool) or not isinstance(chunk_memory, int) or chunk_memory <= 0:
             raise ValueError(
                 f"chunk_memory must be a positive number of bytes; got {chunk_memory!r}"
             )
         budget, why = chunk_memory, "chunk_memory given"
-    per_row = bytes_per_logit(dtype, uses_compiled_kernels(device)) * vocab
     if per_row > budget:
         raise ValueError(
             f"chunk_memory={budget} bytes cannot hold one row of logits ({per_row} bytes at "
-            f"V={vocab}, {dtype}); allow at least {per_row} bytes"
+            f"V={vocab}, d={hidden_dim}, {dtype}); allow at least {per_row} bytes"
         )
     rows = min(budget // per_row, max(n_tokens, 1))
     if rows > ROW_ALIGNMENT:
         rows -= rows % ROW_ALIGNMENT
-    path = "fused token-wise" if losses is not None and _token_only(losses) else "recompute"
+    path = "fused token-wise" if token_path else "recompute"
     reason = (
         f"{path} path; budget {budget / MiB:.1f} MiB ({why}); {per_row / MiB:.2f} MiB per row "
         f"(V={vocab}, d={hidden_dim}, {str(dtype).removeprefix('torch.')}) -> {rows} rows"

@@ -2,8 +2,11 @@
 
 The logits of a row chunk are z = Σ_i h_i W_iᵀ + b, a sum over "parts" (h_i, W_i) so that
 a LoRA head (W₀ plus the low-rank B·A) is computed without ever forming W₀ + B·A:
-its parts are (h, W₀) and (s · dropout(h) Aᵀ, B). Every function here walks the rows in
-chunks, so at most (chunk_rows, V) logits exist at any time.
+its parts are (h, W₀) and (s · dropout(h) Aᵀ, B). Every function here walks the scored
+rows in chunks, so at most (chunk_rows, V) logits exist at any time. The parts hold every
+position (N rows); `index` (n,) names the n scored ones, so that neither the hidden
+states nor their gradient are ever copied whole: a chunk gathers its own rows, and its
+hidden-state gradient is written straight into the (N, d) result.
 
 Two autograd functions:
 - `TokenLossFunction`, for mixtures of token-wise losses only. Each token's gradient
@@ -14,16 +17,20 @@ Two autograd functions:
   loss is then ordinary autograd on that small tensor. The backward recomputes each
   chunk's softmax to turn the small upstream gradient into the logit gradient
   dz = scatter(g) − p · Σg, never storing it.
+Both write a chunk's logit gradient over its logits, in place: one (chunk, V) buffer each.
 """
 
 from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
+
+# A chunk's rows among the parts' N: a slice when every row is scored, else (chunk,) indices.
+Rows = slice | Tensor
 
 
 def accumulation_dtype(*tensors: Tensor | None) -> torch.dtype:
@@ -33,21 +40,35 @@ def accumulation_dtype(*tensors: Tensor | None) -> torch.dtype:
 
 
 def chunk_logits(
-    hiddens: Sequence[Tensor],
+    chunk_hiddens: Sequence[Tensor],
     weights: Sequence[Tensor],
     bias: Tensor | None,
-    rows: slice,
     dtype: torch.dtype,
 ) -> Tensor:
-    """(chunk, V) logits of `rows`. A lone part without bias stays in its matmul's dtype
-    (the upcast happens inside the fused elementwise kernels); sums are in `dtype`."""
+    """(chunk, V) logits from the chunk's parts h_i (chunk, d_i). A lone part without bias
+    stays in its matmul's dtype (the upcast happens inside the elementwise kernels); sums
+    are in `dtype`."""
     logits = None
-    for h, w in zip(hiddens, weights, strict=True):
-        part = h[rows] @ w.T
+    for h, w in zip(chunk_hiddens, weights, strict=True):
+        part = h @ w.T
         logits = part if logits is None else logits.to(dtype).add_(part)
     if bias is not None:
         logits = logits.to(dtype).add_(bias)
     return logits
+
+
+def _chunks(n: int, chunk_rows: int, index: Tensor | None) -> Iterator[tuple[slice, Rows]]:
+    """(rows among the n scored, the same rows among the parts' N) for each chunk."""
+    for start in range(0, n, chunk_rows):
+        rows = slice(start, start + chunk_rows)
+        yield rows, (rows if index is None else index[rows])
+
+
+def _take(hiddens: Sequence[Tensor], rows: Rows) -> list[Tensor]:
+    """Each part's (chunk, d_i) rows: views for a slice, small gathers for indices."""
+    if isinstance(rows, slice):
+        return [h[rows] for h in hiddens]
+    return [h.index_select(0, rows) for h in hiddens]
 
 
 def _logsumexp(logits: Tensor, dtype: torch.dtype) -> Tensor:
@@ -55,13 +76,18 @@ def _logsumexp(logits: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.logsumexp(logits.to(dtype), dim=1)
 
 
-def _scaled_softmax(logits: Tensor, lse: Tensor, scale: Tensor, out_dtype: torch.dtype) -> Tensor:
-    """(chunk, V) scale_t · p_t, the softmax part of every logit gradient, in `out_dtype`."""
-    return (logits.to(lse.dtype) - lse[:, None]).exp_().mul_(scale[:, None]).to(out_dtype)
+def _scaled_softmax_(logits: Tensor, lse: Tensor, scale: Tensor) -> None:
+    """logits ← scale_t · p_t, in place: the softmax part of every logit gradient.
+
+    The softmax is computed in lse's dtype; a float32 buffer is overwritten with no
+    temporary, a half one through one float32 temporary (none when compiled)."""
+    p = logits.to(lse.dtype)
+    logits.copy_(p.sub_(lse[:, None]).exp_().mul_(scale[:, None]))
 
 
 # On CUDA the two elementwise passes above run as compiled (fused) kernels: each then
-# reads the half-precision logits once instead of making several float32 passes.
+# reads the half-precision logits once instead of making several float32 passes, and the
+# in-place one writes its result over its input with no temporary.
 # QSEG_COMPILE=0 turns this off; a failed compilation falls back to eager, with a warning.
 _COMPILED: dict[Callable, Callable] = {}
 _compile_failed = False
@@ -98,7 +124,9 @@ def _kernel(eager: Callable, device: torch.device) -> Callable:
 
 
 class _GradientSink:
-    """Accumulates dh_i, dW_i and db from logit gradients dz, chunk by chunk."""
+    """Accumulates dh_i, dW_i and db from logit gradients dz, chunk by chunk.
+
+    dh_i is (N, d_i) like the part it belongs to; rows that are never scored stay zero."""
 
     def __init__(
         self,
@@ -108,23 +136,29 @@ class _GradientSink:
         needs: Sequence[bool],
     ):
         # `needs` follows the inputs: bias, then (h_1, W_1, h_2, W_2, ...).
-        self.hiddens, self.weights = hiddens, weights
+        self.weights = weights
         self.bias = torch.zeros_like(bias) if bias is not None and needs[0] else None
         self.h = [
-            torch.zeros_like(h) if n else None for h, n in zip(hiddens, needs[1::2], strict=True)
+            torch.zeros(h.shape, dtype=h.dtype, device=h.device) if n else None
+            for h, n in zip(hiddens, needs[1::2], strict=True)
         ]
         self.w = [
             torch.zeros_like(w) if n else None for w, n in zip(weights, needs[2::2], strict=True)
         ]
 
-    def add(self, dz: Tensor, rows: slice) -> None:
-        """Add the contribution of one chunk's (chunk, V) logit gradient."""
-        for h, w, dh, dw in zip(self.hiddens, self.weights, self.h, self.w, strict=True):
-            dz_w = dz.to(w.dtype)
-            if dh is not None:
-                dh[rows] = dz_w @ w
+    def add(self, dz: Tensor, chunk_hiddens: Sequence[Tensor], rows: Rows) -> None:
+        """Add one chunk's (chunk, V) logit gradient; `chunk_hiddens` are its parts' rows."""
+        casts = {dz.dtype: dz}
+        for h, w, dh, dw in zip(chunk_hiddens, self.weights, self.h, self.w, strict=True):
+            if w.dtype not in casts:
+                casts[w.dtype] = dz.to(w.dtype)
+            dz_w = casts[w.dtype]
+            if dh is not None and isinstance(rows, slice):
+                torch.mm(dz_w, w, out=dh[rows])
+            elif dh is not None:
+                dh.index_copy_(0, rows, dz_w @ w)
             if dw is not None:
-                dw.addmm_(dz_w.T, h[rows])
+                dw.addmm_(dz_w.T, h)
         if self.bias is not None:
             self.bias += dz.sum(0, dtype=self.bias.dtype)
 
@@ -138,34 +172,28 @@ def _split_parts(parts: Sequence[Tensor]) -> tuple[Sequence[Tensor], Sequence[Te
     return parts[0::2], parts[1::2]
 
 
-def _gradient_dtype(weights: Sequence[Tensor], dtype: torch.dtype) -> torch.dtype:
-    """dz is formed in the weights' dtype (bf16 feeds bf16 matmuls), or `dtype` if they differ."""
-    dtypes = {w.dtype for w in weights}
-    return dtypes.pop() if len(dtypes) == 1 else dtype
-
-
 class TokenLossFunction(torch.autograd.Function):
-    """scale · Σ_t f(log p_t(y_t)) over rows, with its gradient formed during the forward.
+    """scale · Σ_t f(log p_t(y_t)) over the scored rows, its gradient formed in the forward.
 
-    Inputs: labels (n,), per_token_loss f: (c,) -> (c,), scale, chunk_rows, bias (V,) or
-    None, then the parts h_1 (n, d_1), W_1 (V, d_1), h_2, W_2, ...
+    Inputs: labels (n,), per_token_loss f: (c,) -> (c,), scale, chunk_rows, index (n,) of
+    the scored rows among the parts' N (None: all N = n, in order), bias (V,) or None,
+    then the parts h_1 (N, d_1), W_1 (V, d_1), h_2, W_2, ...
     Output: a 0-dim tensor. The scale (1 / tokens for a mean) is applied inside, so the
     upstream gradient is usually 1 and the gradient buffers are handed over uncopied.
     """
 
     @staticmethod
-    def forward(ctx, labels, per_token_loss, scale, chunk_rows, bias, *parts):
+    def forward(ctx, labels, per_token_loss, scale, chunk_rows, index, bias, *parts):
         hiddens, weights = _split_parts(parts)
         dtype = accumulation_dtype(bias, *parts)
-        grad_dtype = _gradient_dtype(weights, dtype)
         logsumexp = _kernel(_logsumexp, labels.device)
-        scaled_softmax = _kernel(_scaled_softmax, labels.device)
-        sink = _GradientSink(hiddens, weights, bias, ctx.needs_input_grad[4:])
-        wants_grad = any(ctx.needs_input_grad[4:])
+        scaled_softmax_ = _kernel(_scaled_softmax_, labels.device)
+        sink = _GradientSink(hiddens, weights, bias, ctx.needs_input_grad[5:])
+        wants_grad = any(ctx.needs_input_grad[5:])
         total = torch.zeros((), dtype=dtype, device=labels.device)
-        for start in range(0, labels.shape[0], chunk_rows):
-            rows = slice(start, start + chunk_rows)
-            logits = chunk_logits(hiddens, weights, bias, rows, dtype)
+        for rows, picked in _chunks(labels.shape[0], chunk_rows, index):
+            chunk = _take(hiddens, picked)
+            logits = chunk_logits(chunk, weights, bias, dtype)
             lse = logsumexp(logits, dtype)
             target = labels[rows, None]
             logp = logits.gather(1, target).squeeze(1).to(dtype) - lse
@@ -178,11 +206,10 @@ class TokenLossFunction(torch.autograd.Function):
                 (g,) = torch.autograd.grad(loss, logp)
                 g = g * scale
             total += loss.detach()
-            # d f / d z = g · (onehot(y) − p)
-            dz = scaled_softmax(logits, lse, -g, grad_dtype)
-            del logits
-            dz.scatter_add_(1, target, g[:, None].to(grad_dtype))
-            sink.add(dz, rows)
+            # d f / d z = g · (onehot(y) − p), written over the logits
+            scaled_softmax_(logits, lse, -g)
+            logits.scatter_add_(1, target, g[:, None].to(logits.dtype))
+            sink.add(logits, chunk, picked)
         ctx.save_for_backward(*(g for g in sink.grads() if g is not None))
         ctx.present = [g is not None for g in sink.grads()]
         return total * scale
@@ -195,51 +222,55 @@ class TokenLossFunction(torch.autograd.Function):
         # them would copy each one, a (V, d) copy for a trainable head.
         if not torch.equal(grad_total, torch.ones_like(grad_total)):
             grads = [g * grad_total if g is not None else None for g in grads]
-        return None, None, None, None, *grads
+        return None, None, None, None, None, *grads
 
 
 class HeadColumnsFunction(torch.autograd.Function):
     """Per-row log-probabilities of shared columns, in bounded memory.
 
-    Inputs: columns (k,) long, chunk_rows, bias (V,) or None, then the parts
-    h_1 (n, d_1), W_1 (V, d_1), h_2, W_2, ...
+    Inputs: columns (k,) long, chunk_rows, index (n,) of the scored rows among the parts'
+    N (None: all N = n, in order), bias (V,) or None, then the parts h_1 (N, d_1),
+    W_1 (V, d_1), h_2, W_2, ...
     Output: (n, k) log p_t(c) for the classes c in `columns`, in the accumulation dtype.
     Its backward, for an upstream G (n, k), forms dz_t = scatter(G_t) − p_t · Σ_c G_tc.
     """
 
     @staticmethod
-    def forward(ctx, columns, chunk_rows, bias, *parts):
+    def forward(ctx, columns, chunk_rows, index, bias, *parts):
         hiddens, weights = _split_parts(parts)
         dtype = accumulation_dtype(bias, *parts)
         logsumexp = _kernel(_logsumexp, columns.device)
-        n = hiddens[0].shape[0]
+        n = hiddens[0].shape[0] if index is None else index.shape[0]
         lse = torch.empty(n, dtype=dtype, device=columns.device)
         logp = torch.empty(n, columns.shape[0], dtype=dtype, device=columns.device)
-        for start in range(0, n, chunk_rows):
-            rows = slice(start, start + chunk_rows)
-            logits = chunk_logits(hiddens, weights, bias, rows, dtype)
+        for rows, picked in _chunks(n, chunk_rows, index):
+            logits = chunk_logits(_take(hiddens, picked), weights, bias, dtype)
             lse[rows] = logsumexp(logits, dtype)
             logp[rows] = logits.index_select(1, columns).to(dtype) - lse[rows, None]
         ctx.chunk_rows = chunk_rows
-        ctx.save_for_backward(columns, lse, bias, *parts)
+        ctx.save_for_backward(columns, index, lse, bias, *parts)
         return logp
 
     @staticmethod
     def backward(ctx, grad_logp):
-        columns, lse, bias, *parts = ctx.saved_tensors
+        # Run under autocast, its matmuls would change dtype (see `fused_linear_loss`).
+        with torch.autocast(grad_logp.device.type, enabled=False):
+            return HeadColumnsFunction._backward(ctx, grad_logp)
+
+    @staticmethod
+    def _backward(ctx, grad_logp):
+        columns, index, lse, bias, *parts = ctx.saved_tensors
         hiddens, weights = _split_parts(parts)
-        grad_dtype = _gradient_dtype(weights, lse.dtype)
-        scaled_softmax = _kernel(_scaled_softmax, lse.device)
-        sink = _GradientSink(hiddens, weights, bias, ctx.needs_input_grad[2:])
-        for start in range(0, lse.shape[0], ctx.chunk_rows):
-            rows = slice(start, start + ctx.chunk_rows)
-            logits = chunk_logits(hiddens, weights, bias, rows, lse.dtype)
+        scaled_softmax_ = _kernel(_scaled_softmax_, lse.device)
+        sink = _GradientSink(hiddens, weights, bias, ctx.needs_input_grad[3:])
+        for rows, picked in _chunks(lse.shape[0], ctx.chunk_rows, index):
+            chunk = _take(hiddens, picked)
+            logits = chunk_logits(chunk, weights, bias, lse.dtype)
             g = grad_logp[rows]
-            dz = scaled_softmax(logits, lse[rows], -g.sum(1), grad_dtype)
-            del logits
-            dz.index_add_(1, columns, g.to(grad_dtype))
-            sink.add(dz, rows)
-        return None, None, *sink.grads()
+            scaled_softmax_(logits, lse[rows], -g.sum(1))
+            logits.index_add_(1, columns, g.to(logits.dtype))
+            sink.add(logits, chunk, picked)
+        return None, None, None, *sink.grads()
 
 
 def token_loss(
@@ -250,10 +281,12 @@ def token_loss(
     hiddens: Sequence[Tensor],
     weights: Sequence[Tensor],
     bias: Tensor | None,
+    index: Tensor | None = None,
 ) -> Tensor:
-    """scale · Σ_t f(log p_t(y_t)) over the rows (see `TokenLossFunction`)."""
+    """scale · Σ_t f(log p_t(y_t)) over the rows `index` of the parts (see
+    `TokenLossFunction`); labels (n,) follow `index` (n,), or all rows when it is None."""
     parts = _interleave(hiddens, weights)
-    return TokenLossFunction.apply(labels, per_token_loss, scale, chunk_rows, bias, *parts)
+    return TokenLossFunction.apply(labels, per_token_loss, scale, chunk_rows, index, bias, *parts)
 
 
 def column_log_probs(
@@ -262,9 +295,12 @@ def column_log_probs(
     hiddens: Sequence[Tensor],
     weights: Sequence[Tensor],
     bias: Tensor | None,
+    index: Tensor | None = None,
 ) -> Tensor:
-    """(n, k) log p_t(c) of every row for the classes c in `columns` (k,)."""
-    return HeadColumnsFunction.apply(columns, chunk_rows, bias, *_interleave(hiddens, weights))
+    """(n, k) log p_t(c) of the rows `index` (n,) of the parts (all rows when None) for the
+    classes c in `columns` (k,)."""
+    parts = _interleave(hiddens, weights)
+    return HeadColumnsFunction.apply(columns, chunk_rows, index, bias, *parts)
 
 
 def _interleave(hiddens: Sequence[Tensor], weights: Sequence[Tensor]) -> list[Tensor]:
