@@ -2,12 +2,11 @@
 
 A model of real architecture (Llama-3.1-8B or Qwen2.5-7B shapes, from the config dicts
 below; nothing is downloaded) gets random weights, its decoder layers quantized to 4-bit
-NF4 with bitsandbytes (double quantization, bf16 compute), LoRA from peft on every
-attention and MLP projection (`qseg.models.LoraSettings` defaults), non-reentrant
-gradient checkpointing, and peft's `prepare_model_for_kbit_training` as
-`qseg.models.load_model` applies it (it upcasts embeddings, norms and the head to fp32;
-`--bf16-head` keeps them bf16 as unsloth does), and the step under bf16 autocast as
-`qseg train` runs it. Batch 1, labels from a Zipf law with 10% ignored. One trial = one
+NF4 with bitsandbytes (double quantization, bf16 compute), embeddings, norms and head
+frozen in bf16, LoRA from peft on every attention and MLP projection
+(`qseg.models.LoraSettings` defaults) and non-reentrant gradient checkpointing, as
+`qseg.models.load_model` sets it up; the step runs under bf16 autocast as `qseg train`
+runs it. Batch 1, labels from a Zipf law with 10% ignored. One trial = one
 fresh process that caps its CUDA memory with
 `torch.cuda.set_per_process_memory_fraction(cap / card memory)`, builds the model layer
 by layer under that cap, and runs one AdamW step:
@@ -174,14 +173,14 @@ def quantize_linears(module: nn.Module, device: torch.device) -> None:
         setattr(module, name, layer)
 
 
-def build_model(name: str, layers: int | None, device: torch.device, bf16_head: bool) -> nn.Module:
+def build_model(name: str, layers: int | None, device: torch.device) -> nn.Module:
     """The QLoRA model of `name` with random weights, built layer by layer on `device`.
 
     The skeleton is made on the meta device; each decoder layer is then created for real
     and quantized at once, so the build never holds more than one bf16 layer beyond the
     4-bit model (it runs under the trial's memory cap, like loading a quantized checkpoint).
     """
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from qseg.models import CHECKPOINTING_KWARGS, LoraSettings
@@ -206,10 +205,7 @@ def build_model(name: str, layers: int | None, device: torch.device, bf16_head: 
     left_on_meta = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
     if left_on_meta:
         raise RuntimeError(f"parts of the model were never built: {left_on_meta[:5]}")
-    if bf16_head:
-        model.requires_grad_(False)
-    else:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    model.requires_grad_(False)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=CHECKPOINTING_KWARGS)
     lora = LoraSettings()
     config = LoraConfig(
@@ -223,9 +219,7 @@ def build_model(name: str, layers: int | None, device: torch.device, bf16_head: 
     return get_peft_model(model, config).train()  # train mode: checkpointing and dropout on
 
 
-def weights_label(bf16_head: bool) -> str:
-    """The `dtype` column: 4-bit layers, and the precision the head ends up in."""
-    return f"nf4, {'bf16' if bf16_head else 'fp32'} head"
+WEIGHTS = "nf4, bf16 embeddings and head"  # the `dtype` column
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, case: dict, labels, ids) -> None:
@@ -255,13 +249,12 @@ def run_trial(case: dict[str, Any]) -> dict[str, Any]:
         tokens=case["tokens"],
         vocab=spec["vocab_size"],
         hidden=spec["hidden_size"],
-        dtype=weights_label(case["bf16_head"]),
+        dtype=WEIGHTS,
         device=common.device_name(device),
         model=case["model"],
         layers=case["layers"] or spec["num_hidden_layers"],
         full_layers=spec["num_hidden_layers"],
         cap_gb=case["cap_gb"],
-        bf16_head=case["bf16_head"],
     )
     if device.type == "cuda" and case["cap_gb"] is not None:
         total = torch.cuda.get_device_properties(device).total_memory
@@ -274,7 +267,7 @@ def run_trial(case: dict[str, Any]) -> dict[str, Any]:
     ids = labels.clamp(min=0).roll(1, dims=1)  # inputs: the labels shifted right, as in text
     stage = "build"
     try:
-        model = build_model(case["model"], case["layers"], device, case["bf16_head"])
+        model = build_model(case["model"], case["layers"], device)
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
         labels, ids = labels.to(device), ids.to(device)
         stage = "step"
@@ -480,7 +473,6 @@ def _trial_case(args, device, model, loss, impl, cap_gb, tokens) -> dict[str, An
         cap_gb=cap_gb,
         tokens=tokens,
         device=str(device),
-        bf16_head=args.bf16_head,
         seed=args.seed,
         threads=args.threads,
     )
@@ -502,7 +494,7 @@ def _search_row(s: Search, searcher: Searcher, device: torch.device, args) -> di
         tokens=s.lo,
         vocab=spec["vocab_size"],
         hidden=spec["hidden_size"],
-        dtype=weights_label(args.bf16_head),
+        dtype=WEIGHTS,
         device=common.device_name(device),
         model=s.model,
         layers=args.layers or spec["num_hidden_layers"],
@@ -513,7 +505,6 @@ def _search_row(s: Search, searcher: Searcher, device: torch.device, args) -> di
         trials=s.trials,
         granularity=args.granularity,
         resolution=args.resolution,
-        bf16_head=args.bf16_head,
         jobs=args.jobs,
         peak_mb=None,
         total_peak_mb=None,
@@ -564,7 +555,7 @@ def unsloth_rows(args: argparse.Namespace, device: torch.device) -> list[dict[st
                 loss=loss,
                 vocab=spec["vocab_size"],
                 hidden=spec["hidden_size"],
-                dtype=weights_label(True),
+                dtype=WEIGHTS,
             )
             rows.append(
                 {
@@ -621,11 +612,6 @@ def main(argv: list[str] | None = None) -> None:
         help="seconds; then no new trials, and brackets are reported",
     )
     parser.add_argument("--trial-timeout", type=float, default=300)
-    parser.add_argument(
-        "--bf16-head",
-        action="store_true",
-        help="keep embeddings, norms and head bf16 (no peft fp32 upcast)",
-    )
     parser.add_argument("--threads", type=int, default=1, help="CPU threads per trial")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
