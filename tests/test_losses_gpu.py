@@ -78,11 +78,11 @@ def test_auto_chunks_stay_within_their_budget(ignored):
 def test_one_half_precision_chunk_buffer_beyond_the_gradients(name):
     """The compiled kernels write the logit gradient over the logits: besides the gradients
     themselves, forward+backward holds one (rows, V) bf16 buffer and small change."""
-    n, d, vocab, rows = 4096, 1024, 32000, 256
+    n, d, vocab, rows = 4096, 1024, 32000, 1024
     hidden = torch.randn(1, n, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     weight = torch.randn(vocab, d, device="cuda", dtype=torch.bfloat16) / d**0.5
     weight.requires_grad_()
-    labels = torch.randint(0, 200, (1, n), device="cuda")  # 200 classes present at most
+    labels = torch.randint(0, 50, (1, n), device="cuda")  # 50 classes present at most
     labels[:, ::10] = -100
     for _ in range(2):  # the first call compiles
         hidden.grad = weight.grad = None
@@ -93,7 +93,7 @@ def test_one_half_precision_chunk_buffer_beyond_the_gradients(name):
         added = torch.cuda.max_memory_allocated() - start
     gradients = (hidden.numel() + weight.numel()) * 2
     chunk = rows * vocab * 2
-    # region losses also hold (n, 200) float32 log-probabilities, their gradient, etc.
-    small = 8 << 20
+    # region losses also hold (n, 50) float32 log-probabilities, their gradient, etc.
+    small = 16 << 20  # a second chunk buffer would be 62.5 MiB
     assert engine.uses_compiled_kernels(hidden.device)
     assert added <= gradients + chunk + small, (added - gradients) / chunk
