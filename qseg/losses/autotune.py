@@ -26,9 +26,10 @@ from .engine import uses_compiled_kernels
 from .registry import normalize_losses, split_by_kind
 
 MiB = 1 << 20
-# 384 MiB gives 512-row chunks at Llama-3's vocabulary: in the H100 sweep
-# (benchmarks/results/gpu/autotune_gpu.json) that kept region losses within 1.4x of
-# Liger's fused cross-entropy memory, while larger chunks gained at most 10% in speed.
+# In the H100 sweep (benchmarks/results/gpu/autotune_gpu.json, an engine that still held
+# a logits and a gradient buffer per chunk) 384 MiB-sized chunks kept region losses within
+# 1.4x of Liger's fused cross-entropy memory, while larger chunks gained at most 10% in
+# speed. With one buffer per chunk it now gives 752-row chunks at Llama-3's vocabulary.
 CUDA_BUDGET_CAP = 384 * MiB
 CPU_BUDGET_CAP = 128 * MiB
 # Row counts are rounded down to a multiple of this (when larger) to keep matmuls aligned.
