@@ -55,11 +55,11 @@ EOF
   step pytest_gpu 75 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_losses_gpu.py
   step loss_memory 100 python3 -m benchmarks.loss_memory --device cuda --shapes llama3 \
     --tokens 8192 --reps 5 --out "$out/loss_memory_gpu.json" --overwrite
-  step autotune 60 python3 -m benchmarks.autotune --device cuda --shapes llama3 --tokens 8192 \
+  step autotune 70 python3 -m benchmarks.autotune --device cuda --shapes llama3 --tokens 8192 \
     --sizes 128 256 512 1024 2048 --reps 3 --out "$out/autotune_gpu.json" --overwrite
   # The search stops launching trials at --time-budget; in-flight ones end within --trial-timeout.
-  step max_context 200 python3 -m benchmarks.max_context --device cuda --models llama3.1-8b \
-    --caps 16 24 --jobs 3 --time-budget 120 --trial-timeout 75 \
+  step max_context 190 python3 -m benchmarks.max_context --device cuda --models llama3.1-8b \
+    --caps 16 24 --jobs 3 --time-budget 110 --trial-timeout 75 \
     --out "$out/max_context_gpu.json" --overwrite
 
   echo
