@@ -204,39 +204,34 @@ class LossTrainer(Trainer):
 
         With ce_scope="sequence", cross-entropy scores every non-pad token (labels are the
         input ids) and the other terms the answer tokens: two passes over the head.
-        Runs under the accelerator's autocast, which the Trainer only applies to
-        `model.forward` (bypassed here), so bf16 training keeps bf16 activations.
+        The decoder runs under the accelerator's autocast, which the Trainer applies only
+        to `model.forward` (bypassed here), so bf16 training keeps bf16 activations.
         """
         totals = num_items_in_batch
         if not isinstance(totals, TargetCounts):  # called outside the training loop
             totals = TargetCounts.of(inputs)
         with self.accelerator.autocast():
             hidden = backbone_hidden_states(model, inputs["input_ids"], inputs["attention_mask"])
-            head = output_head(model)
-            # Shifting the labels, not the hidden states, keeps those contiguous: the loss
-            # then reads them in place. The last position has no next token to score.
-            answer_labels = shift_left(inputs["labels"])
+        head = output_head(model)
+        # Shifting the labels, not the hidden states, keeps those contiguous: the loss then
+        # reads them in place. The last position has no next token to score.
+        answer_labels = shift_left(inputs["labels"])
 
-            answer_terms = dict(self.loss_spec)
-            parts = []
-            if self.ce_scope == "sequence" and "cross_entropy" in answer_terms:
-                ce = {"cross_entropy": answer_terms.pop("cross_entropy")}
-                padding = inputs["attention_mask"] == 0
-                sequence_labels = shift_left(inputs["input_ids"].masked_fill(padding, IGNORE_INDEX))
-                parts.append(
-                    self._fused(hidden, head, sequence_labels, ce, totals.sequence_tokens, None)
+        answer_terms = dict(self.loss_spec)
+        parts = []
+        if self.ce_scope == "sequence" and "cross_entropy" in answer_terms:
+            ce = {"cross_entropy": answer_terms.pop("cross_entropy")}
+            padding = inputs["attention_mask"] == 0
+            sequence_labels = shift_left(inputs["input_ids"].masked_fill(padding, IGNORE_INDEX))
+            parts.append(
+                self._fused(hidden, head, sequence_labels, ce, totals.sequence_tokens, None)
+            )
+        if answer_terms:
+            parts.append(
+                self._fused(
+                    hidden, head, answer_labels, answer_terms, totals.answer_tokens, totals.samples
                 )
-            if answer_terms:
-                parts.append(
-                    self._fused(
-                        hidden,
-                        head,
-                        answer_labels,
-                        answer_terms,
-                        totals.answer_tokens,
-                        totals.samples,
-                    )
-                )
+            )
         loss = sum(parts[1:], parts[0])
         return (loss, {}) if return_outputs else loss
 
