@@ -111,6 +111,8 @@ def _kernel(eager: Callable, device: torch.device) -> Callable:
 
     def run(*args):
         global _compile_failed
+        # A compiler failure surfaces before the kernel runs, so the in-place kernel's
+        # eager retry below still sees its inputs untouched.
         try:
             return compiled(*args)
         except Exception as error:  # noqa: BLE001 - any compiler failure means: run eager
