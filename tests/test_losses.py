@@ -93,6 +93,28 @@ def test_fused_matches_reference_when_every_position_is_scored(case, chunk_size)
     assert_close(grads(actual, hidden, weight, bias), grads(expected, hidden, weight, bias))
 
 
+@pytest.mark.parametrize("name", ["focal", "lovasz"])
+@pytest.mark.parametrize("ignore_some", [False, True])
+def test_gradients_are_handed_over_uncopied(name, ignore_some, monkeypatch):
+    """hidden.grad and weight.grad are the very buffers the engine filled: no (B·T, d) or
+    (V, d) copy on the way (for a mean, the 1/n is applied inside the engine)."""
+    from qseg.losses import engine
+
+    filled = []
+    grads_of = engine._GradientSink.grads
+
+    def recording_grads(sink):
+        grads = grads_of(sink)
+        filled.extend(g.data_ptr() for g in grads if g is not None)
+        return grads
+
+    monkeypatch.setattr(engine._GradientSink, "grads", recording_grads)
+    hidden, weight, _, labels = make_batch(seed=6)
+    labels = labels if ignore_some else labels.clamp(min=0)
+    fused_linear_loss(hidden, weight, labels, name, chunk_size=4).backward()
+    assert hidden.grad.data_ptr() in filled and weight.grad.data_ptr() in filled
+
+
 @pytest.mark.parametrize("name", ["cross_entropy", "generalized_dice"])
 def test_ignored_positions_get_exactly_zero_hidden_gradient(name):
     hidden, weight, _, labels = make_batch(seed=4)
