@@ -183,7 +183,7 @@ def build_model(name: str, layers: int | None, device: torch.device) -> nn.Modul
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from qseg.models import CHECKPOINTING_KWARGS, LoraSettings
+    from qseg.models import CHECKPOINTING_KWARGS, LoraSettings, decoder_of
 
     spec = dict(MODELS[name])
     if layers is not None:
@@ -192,7 +192,7 @@ def build_model(name: str, layers: int | None, device: torch.device) -> nn.Modul
     config.use_cache = False
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    decoder = model.get_decoder()
+    decoder = decoder_of(model)
     with torch.device(device), default_dtype(torch.bfloat16):
         for index in range(len(decoder.layers)):
             layer = type(decoder.layers[index])(config, index)

@@ -63,6 +63,9 @@ SOURCES_ACCEPTED = (
 CHECKPOINTING_KWARGS = {"use_reentrant": False}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _GGUF_MAGIC = b"GGUF"
+# Part of the GGUF cache key: raised when the conversion changes, so that older cached
+# folders are not reused (2: the tokenizer's special tokens follow the config).
+_CONVERSION_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -223,7 +226,7 @@ def backbone_hidden_states(
 
     input_ids: (B, T) long; attention_mask: (B, T), 1 on real tokens, or None.
     """
-    decoder = _decoder(model)
+    decoder = decoder_of(model)
     out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     return out.last_hidden_state
 
@@ -261,10 +264,11 @@ def gguf_cache_dir(gguf: Path) -> Path:
     """Where the Hugging Face conversion of `gguf` lives: <root>/gguf/<name>-<size>-<hash>.
 
     The root is $QSEG_CACHE, or ~/.cache/qseg. The hash covers the file's absolute path and
-    modification time, so an edited or replaced file gets a fresh conversion.
+    modification time, so an edited or replaced file gets a fresh conversion, and the
+    conversion's version, so a changed conversion does not reuse an older folder.
     """
     stat = gguf.stat()
-    key = f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    key = f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{_CONVERSION_VERSION}"
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     root = Path(os.environ.get("QSEG_CACHE") or Path.home() / ".cache" / "qseg")
     return root / "gguf" / f"{gguf.stem}-{stat.st_size}-{digest}"
@@ -293,6 +297,7 @@ def convert_gguf(gguf: Path) -> tuple[Path, bool]:
             gguf.parent, gguf_file=gguf.name, dtype=torch.float32, **options
         )
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        align_special_tokens(tokenizer, model.config)
         quantizer = getattr(model, "hf_quantizer", None)
         if quantizer is not None:
             # The weights are already dense; the GGUF marker only blocks save_pretrained.
@@ -312,6 +317,23 @@ def convert_gguf(gguf: Path) -> tuple[Path, bool]:
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("converted %s in %.1f s", gguf, time.perf_counter() - start)
     return target, True
+
+
+def align_special_tokens(tokenizer: PreTrainedTokenizerBase, config: Any) -> None:
+    """Give the tokenizer the bos, eos and pad tokens that the model config names.
+
+    A GGUF file's tokenizer comes out of some transformers releases (4.56 and 5.17 among
+    them) with SmolLM2's eos as <|im_start|> and no pad token, while the config read from the
+    same file rightly says <|im_end|>; answers are trained to end with the tokenizer's eos.
+    """
+    for name in ("bos", "eos", "pad"):
+        token_id = getattr(config, f"{name}_token_id", None)
+        if not isinstance(token_id, int) or not 0 <= token_id < len(tokenizer):
+            continue
+        token = tokenizer.convert_ids_to_tokens(token_id)
+        if getattr(tokenizer, f"{name}_token") != token:
+            log.info("tokenizer %s_token set to %r, as the model config says", name, token)
+            setattr(tokenizer, f"{name}_token", token)
 
 
 def _choose_backend(backend: str, quantization: str) -> tuple[str, str, ModuleType | None]:
@@ -521,8 +543,10 @@ def _prepare_tokenizer(
         model.generation_config.pad_token_id = tokenizer.pad_token_id
 
 
-def _decoder(model: nn.Module) -> nn.Module:
-    """The transformer stack (embeddings, layers, final norm) inside a causal LM."""
+def decoder_of(model: nn.Module) -> nn.Module:
+    """The transformer stack (embeddings, layers, final norm) inside a causal LM (or its
+    peft wrapper). `get_decoder()` alone is not enough: before transformers 5 it returns
+    None for Llama-type models."""
     base = model.get_base_model() if isinstance(model, PeftModel) else model
     decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
     if decoder is None or decoder is base:
