@@ -6,6 +6,7 @@ import importlib.util
 import os
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from qseg import models as qmodels
 from qseg.models import (
     LoraSettings,
+    align_special_tokens,
     backbone_hidden_states,
     count_parameters,
     default_model_source,
@@ -152,6 +154,25 @@ def test_tokenizer_gets_pad_token_and_padding_side(tiny_folder):
     assert tokenizer.padding_side == "left"
     assert loaded.model.config.pad_token_id == tokenizer.eos_token_id
     assert _batch(tokenizer)["attention_mask"][1, 0] == 0  # left padded
+
+
+def test_tokenizer_special_tokens_follow_the_model_config(tiny_folder):
+    """As done to a GGUF file's tokenizer: a wrong eos and a missing pad are set from the
+    config's ids; tokens the config does not name (or names out of range) are left alone."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_folder)
+    eos, unk = tokenizer.eos_token, tokenizer.unk_token
+    tokenizer.eos_token, tokenizer.pad_token = unk, None
+    config = SimpleNamespace(
+        bos_token_id=len(tokenizer) + 5,
+        eos_token_id=tokenizer.convert_tokens_to_ids(eos),
+        pad_token_id=tokenizer.convert_tokens_to_ids(eos),
+    )
+    bos = tokenizer.bos_token
+    align_special_tokens(tokenizer, config)
+    assert (tokenizer.eos_token, tokenizer.pad_token, tokenizer.bos_token) == (eos, eos, bos)
+    assert tokenizer.eos_token_id == config.eos_token_id
 
 
 def test_four_bit_goes_through_bitsandbytes_nf4(tiny_folder):
@@ -347,6 +368,9 @@ def test_smollm2_gguf_is_converted_once_then_read_from_cache(tmp_path, monkeypat
     assert first.converted
     assert Path(first.gguf_cache).parent == tmp_path / "gguf"
     assert first.model.config.vocab_size == len(first.tokenizer) == 49152
+    # the file names <|im_end|> (id 2) as eos and pad; some transformers releases misread it
+    config, tokenizer = first.model.config, first.tokenizer
+    assert tokenizer.eos_token_id == tokenizer.pad_token_id == config.eos_token_id == 2
     with torch.no_grad():
         expected = first.model(input_ids=ids).logits
     del first
