@@ -1,6 +1,7 @@
 """qseg.losses against a naive float64 reference of the spec, on every input form."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -140,6 +141,31 @@ def test_under_autocast_the_head_runs_in_the_autocast_dtype(case):
     actual_grads = grads(actual, hidden, weight)
     assert [g.dtype for g in actual_grads] == [torch.float32, torch.float32]
     assert_close(actual_grads, grads(naive, hidden, weight), rtol=2e-2, atol=2e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_kernels_match_eager(dtype, monkeypatch):
+    """The torch.compile'd elementwise kernels (used on CUDA) give the eager results; forced
+    on here, inductor's CPU backend compiles the same graphs, in-place write included, so a
+    compiler regression shows up before a GPU run."""
+    from qseg.losses import engine
+
+    g = torch.Generator().manual_seed(7)
+    hidden = torch.randn(2, 40, 16, generator=g).to(dtype).requires_grad_()
+    weight = (torch.randn(300, 16, generator=g) / 4).to(dtype).requires_grad_()
+    labels = torch.randint(0, 300, (2, 40), generator=g)
+    labels[:, :7] = -100
+    tol = {} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-3}
+    for case in ["cross_entropy", {"focal": 0.5, "dice": 0.5}]:
+        results = {}
+        for compiled in (True, False):
+            monkeypatch.setattr(engine, "uses_compiled_kernels", lambda device, c=compiled: c)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("error", message="qseg: torch.compile failed")
+                loss = fused_linear_loss(hidden, weight, labels, case, chunk_size=24)
+                results[compiled] = [loss, *grads(loss, hidden, weight)]
+        assert_close(results[True], results[False], **tol)
+    assert set(engine._COMPILED) == {engine._logsumexp, engine._scaled_softmax_}
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
