@@ -11,6 +11,7 @@ hidden states from the decoder and hands them, with the lm head, to
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import logging
 import resource
@@ -354,6 +355,7 @@ def run_record(
     )
     return {
         "qseg_version": qseg.__version__,
+        "versions": library_versions(),
         "model": model["source"],
         "backend": loaded.backend,
         "quantization": loaded.quantization,
@@ -373,6 +375,17 @@ def run_record(
         "eval": evaluation["summary"] if evaluation is not None else None,
         "config": cfg.to_dict(),
     }
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries a run's results depend on (those installed)."""
+    versions = {}
+    for name in ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "unsloth"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return versions
 
 
 # ------------------------------------------------------------------ inputs and outputs
