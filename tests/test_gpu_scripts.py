@@ -1,0 +1,61 @@
+"""The GPU scripts' benchmark commands are accepted by the benchmarks' own parsers.
+
+A GPU is lent rarely and briefly; a misspelt flag in `scripts/gpu_check.sh` would cost a
+whole device session. Each `python3 -m benchmarks.NAME ...` command in the scripts is cut
+out, its shell variables filled in, and handed to that benchmark's `main`, which is
+stopped right after it parses its arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from benchmarks import loss_memory
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = ["scripts/gpu_check.sh", "scripts/gpu_max_context.sh"]
+# What the scripts' variables hold when they run.
+SHELL_VALUES = {"$out": "/tmp/out", "${caps[*]}": "8 12 16 24", "$search": "420"}
+
+
+class Parsed(Exception):
+    def __init__(self, namespace: argparse.Namespace) -> None:
+        self.namespace = namespace
+
+
+def benchmark_commands(script: str) -> list[tuple[str, list[str]]]:
+    """(module, argv) of every `python3 -m benchmarks.X` command in `script`."""
+    text = (REPO / script).read_text().replace("\\\n", " ")
+    commands = []
+    for match in re.finditer(r"python3 -m (benchmarks\.\w+)([^\n]*)", text):
+        args = match[2]
+        for variable, value in SHELL_VALUES.items():
+            args = args.replace(variable, value)
+        commands.append((match[1], shlex.split(args)))
+    return commands
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_gpu_script_commands_parse(script, monkeypatch):
+    commands = benchmark_commands(script)
+    assert commands, f"no benchmark command found in {script}"
+    parse_args = argparse.ArgumentParser.parse_args
+
+    def stop_after_parsing(parser, args=None, namespace=None):
+        raise Parsed(parse_args(parser, args, namespace))  # exits on a bad flag or value
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", stop_after_parsing)
+    for module, argv in commands:
+        assert "$" not in " ".join(argv), f"unfilled shell variable in {module} {argv}"
+        with pytest.raises(Parsed) as parsed:
+            importlib.import_module(module).main(argv)
+        args = parsed.value.namespace
+        assert args.device == "cuda" and args.out is not None and args.overwrite
+        for shape in getattr(args, "shapes", None) or []:
+            loss_memory.parse_shape(shape)  # named heads are checked only later
