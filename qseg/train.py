@@ -378,9 +378,10 @@ def run_record(
 
 
 def library_versions() -> dict[str, str]:
-    """Versions of the libraries a run's results depend on (those installed)."""
-    versions = {}
-    for name in ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "unsloth"):
+    """Versions of the libraries a run's results depend on (those installed); torch's
+    with its build (e.g. 2.11.0+cu130), which the package metadata may leave out."""
+    versions = {"torch": torch.__version__}
+    for name in ("transformers", "peft", "accelerate", "bitsandbytes", "unsloth"):
         try:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
