@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from accelerate import PartialState
 
 from qseg import __version__
 from qseg.compare import add_compare_arguments, run_compare
@@ -30,7 +33,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv.insert(0, "train")
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # Under torchrun / accelerate launch (RANK set) the other processes log warnings only.
+    level = logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING
+    logging.basicConfig(level=level, format="%(message)s")
     try:
         return args.run(args)
     except (ValueError, FileNotFoundError) as err:
@@ -120,7 +125,8 @@ def run_train(args: argparse.Namespace) -> int:
     flags = {k: v for k, v in vars(args).items() if k not in ("command", "run", "config_file")}
     cfg = resolve_config(flags, args.config_file)
     record = train(cfg)
-    print(summary(record))
+    if PartialState().is_main_process:  # under torchrun / accelerate launch: print once
+        print(summary(record))
     return 0
 
 

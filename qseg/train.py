@@ -11,6 +11,7 @@ hidden states from the decoder and hands them, with the lm head, to
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import json
 import logging
@@ -25,6 +26,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import PartialState
+from accelerate.utils import broadcast_object_list
+from torch.nn.parallel import DistributedDataParallel
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_utils import get_last_checkpoint
@@ -54,21 +58,26 @@ GiB = 1 << 30
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run one training job; returns the record also written to `<output_dir>/run.json`.
 
+    Under `torchrun` or `accelerate launch` every process runs this (distributed data
+    parallel); only the main process writes files and scores the held-out examples.
+
     Raises:
         ValueError / FileNotFoundError: bad data, model, loss or output dir, before training.
     """
-    output_dir = check_output_dir(cfg)
-    examples = load_examples(cfg.dataset, cfg.split, fmt=cfg.format)
-    eval_examples = _held_out_examples(cfg)
-
-    set_seed(cfg.seed)  # before LoRA init, so the adapter's starting point is reproducible
-    loaded = load_model(
-        cfg.model or default_model_source(),
-        quantization=cfg.quantization,
-        backend=cfg.backend,
-        lora=LoraSettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets),
-        gradient_checkpointing=cfg.gradient_checkpointing,
-    )
+    state = PartialState(cpu=uses_cpu())  # one process, or one of a launched group
+    output_dir = agreed_output_dir(cfg, state)
+    # The main process downloads or converts first; the others then read its cache.
+    with state.main_process_first():
+        examples = load_examples(cfg.dataset, cfg.split, fmt=cfg.format)
+        eval_examples = _held_out_examples(cfg)
+        set_seed(cfg.seed)  # before LoRA init, so the adapter's starting point is reproducible
+        loaded = load_model(
+            cfg.model or default_model_source(),
+            quantization=cfg.quantization,
+            backend=cfg.backend,
+            lora=LoraSettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets),
+            gradient_checkpointing=cfg.gradient_checkpointing,
+        )
     features, dropped = build_dataset(examples, loaded.tokenizer, cfg.max_length)
     if not features:
         raise ValueError(
@@ -76,10 +85,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             f"(all {dropped} answers are longer); raise --max-length"
         )
 
-    if output_dir.exists() and not cfg.resume:
-        shutil.rmtree(output_dir)  # check_output_dir allowed it: a previous run, --overwrite
-    output_dir.mkdir(parents=True, exist_ok=True)
-    cfg.save(output_dir / CONFIG_FILE)
+    if state.is_main_process:
+        if output_dir.exists() and not cfg.resume:
+            shutil.rmtree(output_dir)  # check_output_dir allowed it: a previous run, --overwrite
+        output_dir.mkdir(parents=True, exist_ok=True)
+        cfg.save(output_dir / CONFIG_FILE)
+    state.wait_for_everyone()
 
     monitor = StepMonitor()
     trainer = LossTrainer(
@@ -102,27 +113,34 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         resume_from_checkpoint=get_last_checkpoint(str(output_dir)) if cfg.resume else None
     )
     train_seconds = time.perf_counter() - start
-    loaded.model.save_pretrained(output_dir)
-    loaded.tokenizer.save_pretrained(output_dir)
-
     evaluation = None
-    if eval_examples:
-        evaluation = evaluate(
-            loaded.model,
-            loaded.tokenizer,
-            eval_examples,
-            batch_size=cfg.batch_size,
-            max_new_tokens=cfg.eval_max_new_tokens,
-        )
+    if state.is_main_process:
+        loaded.model.save_pretrained(output_dir)
+        loaded.tokenizer.save_pretrained(output_dir)
+        if eval_examples:
+            evaluation = evaluate(
+                loaded.model,
+                loaded.tokenizer,
+                eval_examples,
+                batch_size=cfg.batch_size,
+                max_new_tokens=cfg.eval_max_new_tokens,
+            )
     record = run_record(cfg, loaded, trainer, result.metrics, monitor, train_seconds, evaluation)
     record["output_dir"] = str(output_dir)
     record["data"] = {"train_examples": len(features), "dropped_too_long": dropped}
-    (output_dir / RUN_FILE).write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
-    if evaluation is not None:
-        (output_dir / "eval.json").write_text(
-            json.dumps(evaluation, indent=2, ensure_ascii=False) + "\n"
-        )
+    if state.is_main_process:
+        (output_dir / RUN_FILE).write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+        if evaluation is not None:
+            (output_dir / "eval.json").write_text(
+                json.dumps(evaluation, indent=2, ensure_ascii=False) + "\n"
+            )
     return record
+
+
+def uses_cpu() -> bool:
+    """True where training runs on the CPU: no CUDA or Apple GPU. Telling accelerate so
+    lets `torchrun` start several CPU processes (gloo), as on GPUs."""
+    return not torch.cuda.is_available() and not torch.backends.mps.is_available()
 
 
 # ---------------------------------------------------------------------------- the loss
@@ -144,6 +162,9 @@ class TargetCounts:
             sequence_tokens=int(batch["attention_mask"][:, 1:].sum()),
             samples=int(answer.any(dim=1).sum()),
         )
+
+    def as_tuple(self) -> tuple[int, int, int]:
+        return self.answer_tokens, self.sequence_tokens, self.samples
 
     def __add__(self, other: TargetCounts) -> TargetCounts:
         return TargetCounts(
@@ -167,6 +188,10 @@ class LossTrainer(Trainer):
     of the accumulated samples, so the summed micro-batch losses (and their gradients)
     equal one large batch's: exactly for token-wise and per-sample region losses, and
     approximately for the batch-global Lovász (`per_sample=False`).
+
+    Several processes (DDP, under torchrun or accelerate launch): the counts are summed
+    over the processes and the loss multiplied by their number, since DDP averages the
+    processes' gradients; N processes then update exactly as one with N times the batch.
     """
 
     # The loss is already scaled for accumulation: the Trainer must not divide it again.
@@ -192,7 +217,16 @@ class LossTrainer(Trainer):
     ) -> tuple[list[dict[str, torch.Tensor]], TargetCounts]:
         """The next accumulated batch and its `TargetCounts` (instead of a token count)."""
         batches, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
-        return batches, sum((TargetCounts.of(batch) for batch in batches), TargetCounts())
+        counts = sum((TargetCounts.of(batch) for batch in batches), TargetCounts())
+        if self._normalizes_across_processes():
+            per_process = self.accelerator.gather(torch.tensor(counts.as_tuple(), device=device))
+            counts = TargetCounts(*per_process.view(-1, 3).sum(dim=0).tolist())
+        return batches, counts
+
+    def _normalizes_across_processes(self) -> bool:
+        """Whether each process divides by the whole group's counts (the Trainer's default,
+        `average_tokens_across_devices`) rather than by its own."""
+        return self.args.average_tokens_across_devices and self.accelerator.num_processes > 1
 
     def compute_loss(
         self,
@@ -211,9 +245,14 @@ class LossTrainer(Trainer):
         totals = num_items_in_batch
         if not isinstance(totals, TargetCounts):  # called outside the training loop
             totals = TargetCounts.of(inputs)
+        # DDP averages the processes' gradients: with counts that cover all processes
+        # (from get_batch_samples), each process's loss is scaled up by their number.
+        process_scale = 1
+        if totals is num_items_in_batch and self._normalizes_across_processes():
+            process_scale = self.accelerator.num_processes
         with self.accelerator.autocast():
-            hidden = backbone_hidden_states(model, inputs["input_ids"], inputs["attention_mask"])
-        head = output_head(model)
+            hidden = hidden_states(model, inputs["input_ids"], inputs["attention_mask"])
+        head = output_head(self.accelerator.unwrap_model(model))
         # Shifting the labels, not the hidden states, keeps those contiguous: the loss then
         # reads them in place. The last position has no next token to score.
         answer_labels = shift_left(inputs["labels"])
@@ -233,7 +272,7 @@ class LossTrainer(Trainer):
                     hidden, head, answer_labels, answer_terms, totals.answer_tokens, totals.samples
                 )
             )
-        loss = sum(parts[1:], parts[0])
+        loss = sum(parts[1:], parts[0]) * process_scale
         return (loss, {}) if return_outputs else loss
 
     def _fused(
@@ -256,10 +295,31 @@ class LossTrainer(Trainer):
         )
 
 
+def hidden_states(
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    """`backbone_hidden_states` (B, T, d) of `model`, which the Trainer may have wrapped in
+    DistributedDataParallel. DDP averages the gradients of what runs through its own
+    forward only, so the call goes through the wrapper, with the wrapped model's forward
+    returning the hidden states instead of logits for that one call."""
+    if not isinstance(model, DistributedDataParallel):
+        return backbone_hidden_states(model, input_ids, attention_mask)
+    inner = model.module
+    own_forward = inner.__dict__.get("forward")  # accelerate may have wrapped it (autocast)
+    inner.forward = functools.partial(backbone_hidden_states, inner)
+    try:
+        return model(input_ids, attention_mask)
+    finally:
+        if own_forward is None:
+            del inner.forward
+        else:
+            inner.forward = own_forward
+
+
 def training_arguments(cfg: TrainConfig, output_dir: Path, dtype: torch.dtype) -> TrainingArguments:
     """The TrainingArguments of a run: one log entry (the step's loss) per optimizer step."""
     cuda = torch.cuda.is_available()
-    return TrainingArguments(
+    args = TrainingArguments(
         output_dir=str(output_dir),
         max_steps=cfg.max_steps if cfg.max_steps is not None else -1,
         num_train_epochs=cfg.epochs,
@@ -280,7 +340,26 @@ def training_arguments(cfg: TrainConfig, output_dir: Path, dtype: torch.dtype) -
         label_names=["labels"],
         include_num_input_tokens_seen="non_padding",
         dataloader_pin_memory=cuda,
+        use_cpu=uses_cpu(),
+        # Every trainable weight (the LoRA adapters) gets a gradient at every step.
+        ddp_find_unused_parameters=False,
     )
+    return one_gpu_per_process(args)
+
+
+def one_gpu_per_process(args: TrainingArguments) -> TrainingArguments:
+    """A single process that sees several GPUs uses one. The Trainer would wrap the model
+    in DataParallel, whose forward the loss from hidden states bypasses, and multiply the
+    batch by the GPU count; several GPUs train through torchrun or accelerate launch."""
+    if args.n_gpu > 1:
+        log.warning(
+            "%d GPUs are visible but one process trains on one; to use them all, launch "
+            "`torchrun --nproc-per-node %d -m qseg train ...`",
+            args.n_gpu,
+            args.n_gpu,
+        )
+        args._n_gpu = 1  # as the Trainer itself does for a model split across GPUs
+    return args
 
 
 # ------------------------------------------------------------- progress and measurements
@@ -362,6 +441,7 @@ def run_record(
         "dtype": model["dtype"],
         "loss": cfg.loss,
         "ce_scope": cfg.ce_scope,
+        "processes": trainer.accelerator.num_processes,
         "steps": trainer.state.global_step,
         "losses": losses,
         "final_loss": losses[-1] if losses else None,
@@ -421,6 +501,18 @@ def check_output_dir(cfg: TrainConfig) -> Path:
                 f"output dir {output_dir} holds another run; pass --overwrite to replace it, "
                 "--resume to continue it, or choose another --output-dir"
             )
+    return output_dir
+
+
+def agreed_output_dir(cfg: TrainConfig, state: PartialState) -> Path:
+    """`check_output_dir` in every process, before any of them writes; then the main
+    process's choice for all (a default runs/<time> name may differ by a second)."""
+    output_dir = check_output_dir(cfg)
+    if state.num_processes > 1:
+        chosen = [output_dir]
+        broadcast_object_list(chosen)
+        output_dir = chosen[0]
+        state.wait_for_everyone()
     return output_dir
 
 

@@ -7,6 +7,8 @@ import importlib.util
 import json
 import math
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,12 +16,19 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, TrainingArguments
 
+import qseg.data
 from qseg.cli import main
 from qseg.config import TrainConfig, parse_loss_arg, resolve_config
 from qseg.data import IGNORE_INDEX, DataCollator, build_dataset, load_examples
 from qseg.losses import loss_from_logits
 from qseg.models import LoraSettings, load_model
-from qseg.train import LossTrainer, TargetCounts, check_output_dir, train
+from qseg.train import (
+    LossTrainer,
+    TargetCounts,
+    check_output_dir,
+    one_gpu_per_process,
+    train,
+)
 
 MAX_LENGTH = 512  # byte-level tokens: long enough for whole GSM8K examples
 
@@ -264,6 +273,53 @@ def test_default_output_dirs_never_collide(tmp_path, monkeypatch):
     first.mkdir(parents=True)
     second = check_output_dir(TrainConfig())
     assert first.parent == second.parent == Path("runs") and first != second
+
+
+@pytest.mark.parametrize(("grad_accum", "ce_scope"), [(1, "answer"), (2, "sequence")])
+def test_two_processes_train_as_one_batch(tiny_llama_dir, tmp_path, capsys, grad_accum, ce_scope):
+    """`torchrun` with 2 CPU processes (DDP over gloo) vs one process, on the same 4
+    examples (unequal answers): the first step's loss and gradient norm agree, so the
+    gradients are averaged across processes and normalized by the whole batch's counts;
+    one run folder is written, and one summary printed."""
+    data = tmp_path / "four.jsonl"
+    sample = Path(qseg.data.__file__).parent / "samples" / "gsm8k" / "train.jsonl"
+    data.write_text("".join(sample.read_text().splitlines(keepends=True)[:4]))
+    common = [
+        "train", "--model", str(tiny_llama_dir), "--dataset", str(data), "--max-steps", "1",
+        "--max-length", str(MAX_LENGTH), "--eval-samples", "0", "--quantization", "none",
+        "--loss", "cross_entropy:0.6,generalized_dice:0.4", "--ce-scope", ce_scope,
+        "--lora-dropout", "0", "--save-steps", "1",
+    ]  # fmt: skip
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main([*common, "--batch-size", "4", "--output-dir", str(one)]) == 0
+    capsys.readouterr()
+
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    per_process = ["--batch-size", str(2 // grad_accum), "--grad-accum", str(grad_accum)]
+    done = subprocess.run(
+        [*launch, "-m", "qseg", *common, *per_process, "--output-dir", str(two)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    def first_step(out: Path) -> dict:
+        state = json.loads((out / "checkpoint-1" / "trainer_state.json").read_text())
+        return state["log_history"][0]
+
+    alone, together = first_step(one), first_step(two)
+    assert together["loss"] == pytest.approx(alone["loss"], rel=1e-5)
+    assert together["grad_norm"] == pytest.approx(alone["grad_norm"], rel=1e-5)
+    assert json.loads((two / "run.json").read_text())["processes"] == 2
+    assert (two / "adapter_model.safetensors").is_file()
+    assert done.stdout.count("trained 1 step") == 1
+
+
+def test_one_process_trains_on_one_of_several_gpus(tmp_path, caplog):
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2)
+    args._n_gpu = 2  # what TrainingArguments finds in one process on a two-GPU machine
+    one_gpu_per_process(args)
+    assert args.n_gpu == 1 and args.train_batch_size == 2  # no DataParallel, batch not doubled
+    assert "torchrun --nproc-per-node 2" in caplog.text
 
 
 def test_unsloth_backend(tiny_llama_dir, tmp_path):
