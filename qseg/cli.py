@@ -106,6 +106,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--lora-alpha", type=int, help="LoRA alpha")
     add("--lora-dropout", type=float, help="LoRA dropout")
     add("--lora-targets", help="comma-separated module names, or all-linear")
+    add(
+        "--gradient-checkpointing",
+        action=argparse.BooleanOptionalAction,
+        help="recompute activations in the backward (default: on a GPU, not on a CPU)",
+    )
     add("--quantization", choices=QUANTIZATIONS, help="4bit (NF4) or none; auto: 4bit on CUDA")
     add("--backend", choices=BACKENDS, help="auto: unsloth where it runs, else transformers")
     add("--output-dir", help="where the run goes (default: runs/<timestamp>)")

@@ -100,7 +100,9 @@ class TrainConfig:
     lora_targets: list[str] | str = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
     quantization: str = "auto"
     backend: str = "auto"
-    gradient_checkpointing: bool = True
+    # "auto": on a GPU; off on a CPU, where memory is rarely short and recomputing the
+    # activations costs a third of the step (the default job: 78 vs 112 tokens/s)
+    gradient_checkpointing: bool | str = "auto"
     # outputs
     output_dir: str | None = None  # None: runs/<timestamp>, never an existing folder
     resume: bool = False
@@ -318,9 +320,14 @@ def _validate(cfg: TrainConfig) -> None:
     names_ok = isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets)
     if not (names_ok or targets == "all-linear"):
         raise ValueError(f"lora_targets must be module names or 'all-linear'; got {targets!r}")
-    for name in ("resume", "overwrite", "gradient_checkpointing"):
+    for name in ("resume", "overwrite"):
         if not isinstance(getattr(cfg, name), bool):
             raise ValueError(f"{name} must be true or false; got {getattr(cfg, name)!r}")
+    if not isinstance(cfg.gradient_checkpointing, bool) and cfg.gradient_checkpointing != "auto":
+        raise ValueError(
+            "gradient_checkpointing must be true, false or 'auto'; "
+            f"got {cfg.gradient_checkpointing!r}"
+        )
     for name in ("dataset", "split", "eval_split"):
         if not isinstance(getattr(cfg, name), str) or not getattr(cfg, name):
             raise ValueError(f"{name} must be a non-empty string; got {getattr(cfg, name)!r}")

@@ -76,7 +76,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             quantization=cfg.quantization,
             backend=cfg.backend,
             lora=LoraSettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets),
-            gradient_checkpointing=cfg.gradient_checkpointing,
+            gradient_checkpointing=uses_checkpointing(cfg),
         )
     features, dropped = build_dataset(examples, loaded.tokenizer, cfg.max_length)
     if not features:
@@ -135,6 +135,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 json.dumps(evaluation, indent=2, ensure_ascii=False) + "\n"
             )
     return record
+
+
+def uses_checkpointing(cfg: TrainConfig) -> bool:
+    """cfg.gradient_checkpointing, with "auto" resolved: on wherever a GPU trains."""
+    if cfg.gradient_checkpointing == "auto":
+        return not uses_cpu()
+    return cfg.gradient_checkpointing
 
 
 def uses_cpu() -> bool:
@@ -441,6 +448,7 @@ def run_record(
         "dtype": model["dtype"],
         "loss": cfg.loss,
         "ce_scope": cfg.ce_scope,
+        "gradient_checkpointing": uses_checkpointing(cfg),
         "processes": trainer.accelerator.num_processes,
         "steps": trainer.state.global_step,
         "losses": losses,

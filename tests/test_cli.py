@@ -55,6 +55,13 @@ def test_flags_without_subcommand_mean_train(captured_config) -> None:
     assert cfg.max_steps == 4 and cfg.loss == {"focal": {"weight": 1.0, "gamma": 3.0}}
 
 
+def test_gradient_checkpointing_flag_sets_either_way(captured_config) -> None:
+    assert main(["--gradient-checkpointing"]) == 0
+    assert main(["--no-gradient-checkpointing"]) == 0
+    assert main([]) == 0
+    assert [cfg.gradient_checkpointing for cfg in captured_config] == [True, False, "auto"]
+
+
 def test_flags_override_the_config_file(captured_config, tmp_path: Path) -> None:
     config_file = tmp_path / "c.yaml"
     config_file.write_text("lr: 0.001\nbatch_size: 8\npreset: paper-hellaswag\n")

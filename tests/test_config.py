@@ -131,6 +131,7 @@ def test_resume_reads_the_saved_config_under_the_flags(tmp_path: Path) -> None:
         ({"chunk_size": "big"}, "chunk_size must be an integer >= 1 or 'auto'"),
         ({"lora_targets": []}, "lora_targets must be module names or 'all-linear'"),
         ({"resume": "yes"}, "resume must be true or false"),
+        ({"gradient_checkpointing": "on"}, "gradient_checkpointing must be true, false or 'auto'"),
     ],
 )
 def test_bad_values_name_the_setting_and_what_is_allowed(settings: dict, message: str) -> None:

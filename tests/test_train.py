@@ -224,6 +224,7 @@ def test_run_writes_adapter_tokenizer_config_and_record(tiny_run, tiny_llama_dir
     assert record["chunk_plan"]["rows"] >= 1 and "budget" in record["chunk_plan"]["reason"]
     assert record["eval"]["n"] == 2 and "exact_match" in record["eval"]
     assert record["versions"]["torch"] == torch.__version__
+    assert record["gradient_checkpointing"] is torch.cuda.is_available()  # "auto": GPU only
     assert {"transformers", "peft", "accelerate"} <= set(record["versions"])
     assert (out / "checkpoint-2").is_dir()
     assert (out / "tokenizer_config.json").is_file()
