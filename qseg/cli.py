@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -141,7 +142,8 @@ def summary(record: dict[str, Any]) -> str:
     losses = record["losses"]
     lines = [
         "",
-        f"trained {record['steps']} steps of {record['model']} ({record['backend']}, "
+        f"trained {record['steps']} step{'' if record['steps'] == 1 else 's'} of "
+        f"{record['model']} ({record['backend']}, "
         f"{record['quantization']}) in {record['train_seconds']:.0f} s, "
         f"{record['tokens_per_second']:.0f} tokens/s, "
         f"peak memory {record['peak_memory_bytes'] / 2**30:.2f} GiB",
@@ -149,10 +151,15 @@ def summary(record: dict[str, Any]) -> str:
     ]
     if record["eval"] is not None:
         lines += ["", f"held-out evaluation ({out}/eval.json):", format_table(record["eval"])]
+    run, config = shlex.quote(out), shlex.quote(str(Path(out) / "config.yaml"))
     next_steps = {
-        "score more held-out problems": f"qseg eval --adapter {out} --limit 50",
-        "train with another loss": f"qseg train --loss focal:1:gamma=3 --output-dir {out}-focal",
-        "compare the two runs": f"qseg compare {out} {out}-focal",
+        "score more held-out problems": f"qseg eval --adapter {run} --limit 50",
+        # the same run (its saved config) with only the loss changed
+        "train with another loss": (
+            f"qseg train --config {config} --loss focal:1:gamma=3 "
+            f"--output-dir {shlex.quote(out + '-focal')}"
+        ),
+        "compare the two runs": f"qseg compare {run} {shlex.quote(out + '-focal')}",
         "the paper's GSM8K recipe": "qseg train --preset paper-gsm8k",
     }
     lines += [

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import shlex
 import shutil
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, TrainingArguments
 
 import qseg.data
-from qseg.cli import main
+from qseg.cli import build_parser, main, summary
 from qseg.config import TrainConfig, parse_loss_arg, resolve_config
 from qseg.data import IGNORE_INDEX, DataCollator, build_dataset, load_examples
 from qseg.losses import loss_from_logits
@@ -234,6 +235,18 @@ def test_run_writes_adapter_tokenizer_config_and_record(tiny_run, tiny_llama_dir
     adapted = PeftModel.from_pretrained(base, out)
     trained = {n: p for n, p in adapted.named_parameters() if "lora_B" in n}
     assert trained and any(p.abs().sum() > 0 for p in trained.values())  # B starts at zero
+
+
+def test_summary_suggests_the_same_run_with_another_loss(tiny_run, tiny_llama_dir):
+    out, record = tiny_run
+    lines = summary(record).splitlines()
+    assert "trained 2 steps of" in lines[1]
+    (hint,) = [line for line in lines if "train with another loss:" in line]
+    argv = shlex.split(hint.split(":", 1)[1])[2:]  # after "qseg train"
+    args = vars(build_parser().parse_args(["train", *argv]))
+    cfg = resolve_config({k: args[k] for k in ("loss", "output_dir")}, args["config_file"])
+    assert cfg.model == str(tiny_llama_dir) and cfg.max_steps == 2  # the run's settings
+    assert cfg.loss == parse_loss_arg("focal:1:gamma=3") and cfg.output_dir == f"{out}-focal"
 
 
 def test_resume_continues_from_the_last_checkpoint(tiny_run, tmp_path):
