@@ -3,6 +3,7 @@ resume, output-dir safety; plus the real default job and a 4-bit run (slow)."""
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import math
@@ -18,15 +19,17 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, TrainingArguments
 
 import qseg.data
+import qseg.train
 from qseg.cli import build_parser, main, summary
 from qseg.config import TrainConfig, parse_loss_arg, resolve_config
 from qseg.data import IGNORE_INDEX, DataCollator, build_dataset, load_examples
 from qseg.losses import loss_from_logits
-from qseg.models import LoraSettings, load_model
+from qseg.models import LoraSettings, backbone_hidden_states, load_model
 from qseg.train import (
     LossTrainer,
     TargetCounts,
     check_output_dir,
+    hidden_states,
     one_gpu_per_process,
     train,
 )
@@ -149,6 +152,37 @@ def test_loss_runs_under_the_trainers_mixed_precision(loaded, features, tmp_path
     full = make_trainer(loaded, tmp_path, features, "ce:0.5,gdice:0.5", "answer")
     assert full.accelerator.mixed_precision == "no"
     torch.testing.assert_close(mixed, full.compute_loss(loaded.model, batch), rtol=2e-2, atol=0)
+
+
+@pytest.mark.parametrize("own_forward", [False, True])
+def test_hidden_states_run_through_the_ddp_wrapper(loaded, monkeypatch, own_forward):
+    """Under DDP the decoder runs through the wrapper's forward (so that DDP syncs the
+    gradients), and the wrapped model's forward is restored after, with any wrapper that
+    accelerate put on it (its autocast) kept. A stand-in for DDP: no process group."""
+
+    class StandInDDP(torch.nn.Module):
+        def __init__(self, module: torch.nn.Module) -> None:
+            super().__init__()
+            self.module, self.calls = module, 0
+
+        def forward(self, *args):
+            self.calls += 1
+            return self.module(*args)
+
+    monkeypatch.setattr(qseg.train, "DistributedDataParallel", StandInDDP)
+    model = loaded.model
+    if own_forward:
+        model.forward = accelerate_like = functools.partial(type(model).forward, model)
+    input_ids = torch.randint(3, 200, (2, 9))
+    mask = torch.ones_like(input_ids)
+    wrapper = StandInDDP(model)
+    hidden = hidden_states(wrapper, input_ids, mask)
+    assert wrapper.calls == 1
+    torch.testing.assert_close(hidden, backbone_hidden_states(model, input_ids, mask))
+    if own_forward:
+        assert model.forward is accelerate_like
+    else:
+        assert "forward" not in model.__dict__
 
 
 def test_target_counts_follow_the_causal_shift() -> None:
