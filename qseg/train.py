@@ -15,6 +15,7 @@ import functools
 import importlib.metadata
 import json
 import logging
+import re
 import resource
 import shutil
 import sys
@@ -51,6 +52,7 @@ from qseg.models import (
 log = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
+EVAL_FILE = "eval.json"
 RUNS_ROOT = Path("runs")
 GiB = 1 << 30
 
@@ -131,7 +133,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if state.is_main_process:
         (output_dir / RUN_FILE).write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
         if evaluation is not None:
-            (output_dir / "eval.json").write_text(
+            (output_dir / EVAL_FILE).write_text(
                 json.dumps(evaluation, indent=2, ensure_ascii=False) + "\n"
             )
     return record
@@ -483,10 +485,12 @@ def library_versions() -> dict[str, str]:
 def check_output_dir(cfg: TrainConfig) -> Path:
     """The run's output dir, after checking that writing there loses nothing.
 
-    Allowed: a new or empty folder; a folder holding a previous run with `overwrite`
-    (replaced when training starts); a folder with checkpoints with `resume`.
+    Allowed: a new or empty folder; a folder holding a previous run and nothing else, with
+    `overwrite` (replaced when training starts); a folder with checkpoints, with `resume`.
     """
     if cfg.output_dir is None:
+        if cfg.resume:
+            raise ValueError("--resume needs --output-dir: the folder of the run to continue")
         return fresh_run_dir(RUNS_ROOT)
     output_dir = Path(cfg.output_dir)
     if cfg.resume:
@@ -498,17 +502,21 @@ def check_output_dir(cfg: TrainConfig) -> Path:
         )
     if output_dir.exists() and not output_dir.is_dir():
         raise ValueError(f"output dir {output_dir} is a file; choose a folder")
-    if output_dir.is_dir() and any(output_dir.iterdir()):
-        if not is_run_dir(output_dir):
-            raise ValueError(
-                f"output dir {output_dir} is not empty and does not hold a qseg run; "
-                "choose a new or empty --output-dir"
-            )
-        if not cfg.overwrite:
-            raise ValueError(
-                f"output dir {output_dir} holds another run; pass --overwrite to replace it, "
-                "--resume to continue it, or choose another --output-dir"
-            )
+    entries = sorted(output_dir.iterdir()) if output_dir.is_dir() else []
+    if not entries:
+        return output_dir
+    foreign = [entry.name for entry in entries if not written_by_a_run(entry)]
+    if foreign or not is_run_dir(output_dir):
+        held = f" (it holds {', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''})"
+        raise ValueError(
+            f"output dir {output_dir} is not empty and does not hold a qseg run alone"
+            f"{held if foreign else ''}; choose a new or empty --output-dir"
+        )
+    if not cfg.overwrite:
+        raise ValueError(
+            f"output dir {output_dir} holds another run; pass --overwrite to replace it, "
+            "--resume to continue it, or choose another --output-dir"
+        )
     return output_dir
 
 
@@ -525,12 +533,40 @@ def agreed_output_dir(cfg: TrainConfig, state: PartialState) -> Path:
 
 
 def is_run_dir(folder: Path) -> bool:
-    """True when `folder` holds a qseg run (its config, its record, or a checkpoint)."""
+    """True when `folder` holds a qseg run (its config, its record or a checkpoint)."""
     return (
         (folder / CONFIG_FILE).is_file()
         or (folder / RUN_FILE).is_file()
-        or any(folder.glob("checkpoint-*"))
+        or any(_CHECKPOINT.fullmatch(p.name) and p.is_dir() for p in folder.iterdir())
     )
+
+
+def written_by_a_run(entry: Path) -> bool:
+    """Whether a run writes `entry` at the top of its folder: qseg's files, peft's adapter
+    and card, the tokenizer's files, the Trainer's checkpoints. `--overwrite` deletes a
+    folder only when it holds nothing else."""
+    if entry.is_dir():
+        return _CHECKPOINT.fullmatch(entry.name) is not None
+    return entry.name in _RUN_FILES or entry.name.startswith("tokenizer")
+
+
+_CHECKPOINT = re.compile(r"checkpoint-\d+")
+_RUN_FILES = {
+    CONFIG_FILE,
+    RUN_FILE,
+    EVAL_FILE,
+    "README.md",
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "adapter_model.bin",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+}
 
 
 def fresh_run_dir(root: Path) -> Path:

@@ -310,6 +310,28 @@ def test_output_dir_with_foreign_files_is_refused_even_with_overwrite(tmp_path):
             check_output_dir(TrainConfig(output_dir=str(tmp_path), overwrite=overwrite))
 
 
+def test_overwrite_never_deletes_files_a_run_does_not_write(tiny_run, tmp_path):
+    """A run folder the user added a file to, and a project folder that holds a qseg
+    config.yaml: neither is replaced, even with --overwrite."""
+    run, _ = tiny_run
+    extended = tmp_path / "extended"
+    shutil.copytree(run, extended)
+    (extended / "notes.md").write_text("mine")
+    project = tmp_path / "project"
+    project.mkdir()
+    shutil.copy(run / "config.yaml", project / "config.yaml")
+    (project / "main.py").write_text("print('mine')")
+    for folder, mine in ((extended, "notes.md"), (project, "main.py")):
+        with pytest.raises(ValueError, match=f"does not hold a qseg run alone \\(it holds {mine}"):
+            check_output_dir(TrainConfig(output_dir=str(folder), overwrite=True))
+        assert (folder / mine).read_text().startswith(("mine", "print"))
+
+
+def test_resume_needs_an_output_dir():
+    with pytest.raises(ValueError, match="--resume needs --output-dir"):
+        check_output_dir(TrainConfig(resume=True))
+
+
 def test_resume_needs_a_checkpoint(tmp_path):
     with pytest.raises(ValueError, match="holds no checkpoint-N folder"):
         check_output_dir(TrainConfig(output_dir=str(tmp_path), resume=True))
