@@ -258,13 +258,20 @@ def test_bf16_inputs_are_upcast_and_close_to_float64():
     assert hidden.grad.dtype == torch.bfloat16 and torch.isfinite(hidden.grad.float()).all()
 
 
-@pytest.mark.parametrize("name", available_losses())
-def test_huge_logits_stay_finite(name):
+# Exponents below 1: (1 - p)^γ has an infinite slope where p rounds to 1.
+FRACTIONAL = [{"focal": {"gamma": 0.5}}, {"self_adjusting_dice": {"alpha": 0.25}}]
+
+
+@pytest.mark.parametrize("losses", [*available_losses(), *FRACTIONAL], ids=case_id)
+def test_huge_logits_stay_finite(losses):
     hidden, weight, _, labels = make_batch(dtype=torch.float32, scale=3e3)
-    loss = fused_linear_loss(hidden, weight, labels, name, chunk_size=7)
+    loss = fused_linear_loss(hidden, weight, labels, losses, chunk_size=7)
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(hidden.grad).all()
     assert torch.isfinite(weight.grad).all()
+    logits = (hidden @ weight.T).detach().requires_grad_()
+    loss_from_logits(logits, labels, losses).backward()
+    assert torch.isfinite(logits.grad).all()
 
 
 def test_linear_module_with_bias_and_frozen_weight():

@@ -32,15 +32,21 @@ def cross_entropy(logp: Tensor) -> Tensor:
 
 def focal(logp: Tensor, gamma: float) -> Tensor:
     """−(1 − p_t)^γ · log p_t (Lin et al. 2017)."""
-    # 1 - p computed as -expm1(log p) keeps its precision when p is close to 1.
-    return -torch.pow(-torch.expm1(logp), gamma) * logp
+    return -torch.pow(_one_minus(logp), gamma) * logp
 
 
 def self_adjusting_dice(logp: Tensor, alpha: float, gamma: float) -> Tensor:
     """1 − (2q + γ) / (q + 1 + γ) with q = (1 − p_t)^α · p_t (Li et al. 2020)."""
-    p = logp.exp()
-    q = torch.pow(-torch.expm1(logp), alpha) * p
+    q = torch.pow(_one_minus(logp), alpha) * logp.exp()
     return 1 - (2 * q + gamma) / (q + 1 + gamma)
+
+
+def _one_minus(logp: Tensor) -> Tensor:
+    """1 − p from log p. −expm1(log p) keeps its precision when p is close to 1; the floor
+    (the dtype's smallest normal number) keeps (1 − p)^γ differentiable for γ < 1 where p
+    rounds to 1: there the gradient of 0^γ is infinite and times log p = 0 gives NaN,
+    while the true gradient of the loss tends to 0."""
+    return (-torch.expm1(logp)).clamp_min(torch.finfo(logp.dtype).tiny)
 
 
 TOKEN_LOSSES: dict[str, Callable[..., Tensor]] = {
