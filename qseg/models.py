@@ -231,6 +231,43 @@ def backbone_hidden_states(
     return out.last_hidden_state
 
 
+def check_head_gives_the_logits(model: nn.Module) -> None:
+    """Raise ValueError unless `model`'s own logits are its head applied to its last hidden
+    states, which is how qseg's losses compute them (never materialising the logits).
+
+    Gemma 2 to 4 soft-cap their logits (30·tanh(z/30)), Granite divides and Cohere
+    multiplies them by a constant: training those through the hidden states would fit
+    other logits than the model predicts with. Checked on a few tokens, in eval mode.
+    """
+    embeddings = model.get_input_embeddings()
+    tokens = torch.arange(1, 9, device=embeddings.weight.device)
+    input_ids = (tokens % embeddings.num_embeddings)[None]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=input_ids, use_cache=False).logits
+            fused = output_head(model)(backbone_hidden_states(model, input_ids))
+    finally:
+        model.train(was_training)
+    if logits.shape != fused.shape:  # a backend that leaves out the logits: nothing to compare
+        log.info("logits check skipped: the model returned logits of shape %s", logits.shape)
+        return
+    # The same modules run in both: only the rounding of half-precision kernels may differ.
+    exact = logits.dtype == fused.dtype == torch.float32
+    logits, fused = logits.float(), fused.float()
+    tolerance = (1e-5 if exact else 2e-2) * max(1.0, logits.abs().max().item())
+    gap = (logits - fused).abs().max().item()
+    if gap > tolerance:
+        kind = getattr(model.config, "model_type", type(model).__name__)
+        raise ValueError(
+            f"{kind} model: its logits are not its head applied "
+            f"to its last hidden states (they differ by up to {gap:.3g}); it soft-caps or scales "
+            "its logits (as Gemma 2-4, Granite and Cohere do), which qseg's fused losses do "
+            "not apply, so qseg cannot train it"
+        )
+
+
 def describe(loaded: LoadedModel) -> dict[str, Any]:
     """A JSON-ready summary of how the model was loaded, for run.json."""
     trainable, total = count_parameters(loaded.model)

@@ -43,6 +43,7 @@ from qseg.models import (
     LoadedModel,
     LoraSettings,
     backbone_hidden_states,
+    check_head_gives_the_logits,
     default_model_source,
     describe,
     load_model,
@@ -80,6 +81,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             lora=LoraSettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets),
             gradient_checkpointing=uses_checkpointing(cfg),
         )
+    check_head_gives_the_logits(loaded.model)
     features, dropped = build_dataset(examples, loaded.tokenizer, cfg.max_length)
     if not features:
         raise ValueError(

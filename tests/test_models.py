@@ -11,13 +11,22 @@ from types import SimpleNamespace
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    GraniteConfig,
+    GraniteForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
 
 from qseg import models as qmodels
 from qseg.models import (
     LoraSettings,
     align_special_tokens,
     backbone_hidden_states,
+    check_head_gives_the_logits,
     count_parameters,
     default_model_source,
     describe,
@@ -145,6 +154,33 @@ def _check_hidden_states_give_logits(loaded) -> None:
 
 def test_backbone_hidden_states_times_head_equals_logits(tiny_folder):
     _check_hidden_states_give_logits(_load(tiny_folder, quantization="none"))
+
+
+TINY = dict(
+    vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: Gemma2ForCausalLM(Gemma2Config(**TINY, final_logit_softcapping=1.0)),
+        lambda: GraniteForCausalLM(GraniteConfig(**TINY, logits_scaling=4.0)),
+    ],
+    ids=["gemma2-softcap", "granite-scaling"],
+)
+def test_models_that_transform_their_logits_are_refused(make):
+    with pytest.raises(ValueError, match="soft-caps or scales its logits"):
+        check_head_gives_the_logits(make())
+
+
+def test_models_whose_logits_are_the_head_of_the_hidden_states_pass(tiny_folder):
+    loaded = load_model(str(tiny_folder), quantization="none", backend="transformers")
+    check_head_gives_the_logits(loaded.model)  # a LoRA-wrapped Llama
+    assert loaded.model.training  # its mode is restored
+    uncapped = Gemma2Config(**TINY, final_logit_softcapping=None)
+    check_head_gives_the_logits(Gemma2ForCausalLM(uncapped))
 
 
 def test_tokenizer_gets_pad_token_and_padding_side(tiny_folder):

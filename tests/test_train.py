@@ -15,8 +15,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_byte_tokenizer
 from peft import PeftModel
-from transformers import AutoModelForCausalLM, TrainingArguments
+from transformers import (
+    AutoModelForCausalLM,
+    GraniteConfig,
+    GraniteForCausalLM,
+    TrainingArguments,
+)
 
 import qseg.data
 import qseg.train
@@ -325,6 +331,21 @@ def test_overwrite_never_deletes_files_a_run_does_not_write(tiny_run, tmp_path):
         with pytest.raises(ValueError, match=f"does not hold a qseg run alone \\(it holds {mine}"):
             check_output_dir(TrainConfig(output_dir=str(folder), overwrite=True))
         assert (folder / mine).read_text().startswith(("mine", "print"))
+
+
+def test_a_model_that_scales_its_logits_is_refused_before_training(tmp_path, capsys):
+    folder, out = tmp_path / "granite", tmp_path / "out"
+    tokenizer = make_byte_tokenizer()
+    config = GraniteConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, logits_scaling=4.0,
+    )  # fmt: skip
+    GraniteForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    argv = ["train", "--model", str(folder), "--output-dir", str(out), "--quantization", "none"]
+    assert main(argv) == 2
+    assert "soft-caps or scales its logits" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_resume_needs_an_output_dir():
