@@ -59,6 +59,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "paper-hellaswag": {
         **_PAPER_COMMON,
         "dataset": "hellaswag",
+        "eval_split": "validation",  # the test split has no labels; the paper scores this one
         "lr": 1e-4,
         "epochs": 1,
         "max_length": 256,

@@ -196,7 +196,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
         help="dataset name, hub id, local file or folder (default: the run's dataset, "
         "else gsm8k-sample)",
     )
-    parser.add_argument("--split", default="test", help="split to score (default: test)")
+    parser.add_argument(
+        "--split", help="split to score (default: the run's held-out split, else test)"
+    )
     parser.add_argument(
         "--format",
         choices=("steps", "full"),
@@ -239,7 +241,7 @@ def run_eval(args: argparse.Namespace) -> int:
         "adapter": str(args.adapter) if args.adapter else None,
         "loss": config.get("loss"),
         "dataset": args.dataset or config.get("dataset") or "gsm8k-sample",
-        "split": args.split,
+        "split": args.split or config.get("eval_split") or "test",
         "format": args.format or config.get("format") or "steps",
         "max_new_tokens": args.max_new_tokens,
     }

@@ -81,6 +81,7 @@ def test_presets_hold_the_paper_hyperparameters(
     assert cfg.max_steps is None  # the preset trains by epochs
     assert {name: term["weight"] for name, term in cfg.loss.items()} == loss
     assert cfg.ce_scope == "sequence"  # as the paper's code
+    assert cfg.eval_split == ("validation" if dataset == "hellaswag" else "test")  # labelled
 
 
 def test_unknown_preset_lists_the_presets() -> None:

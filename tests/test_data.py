@@ -335,7 +335,7 @@ def test_missing_nested_and_empty_fields(tmp_path):
         load_examples(str(write_jsonl(tmp_path / "obqa.jsonl", obqa)))
     # The hub's HellaSwag test split is unlabeled: label "".
     swag = [{"ctx": "c", "endings": ["x", "y"], "label": ""}]
-    with pytest.raises(ValueError, match="row 1: field 'label' is missing"):
+    with pytest.raises(ValueError, match="row 1: field 'label' is empty: HellaSwag's test split"):
         load_examples(str(write_jsonl(tmp_path / "swag.jsonl", swag)))
 
 

@@ -1,5 +1,6 @@
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -220,6 +221,22 @@ def test_run_eval_on_a_run_dir_writes_the_report(saved, tmp_path, capsys):
     assert setup["loss"]["generalized_dice"] == {"weight": 0.4}
     printed = capsys.readouterr().out
     assert "exact_match" in printed and str(output) in printed
+
+
+def test_run_eval_scores_the_runs_held_out_split(saved, tmp_path):
+    """A run trained with eval_split "validation" (the HellaSwag preset) is scored on it."""
+    data, run = tmp_path / "data", tmp_path / "run"
+    data.mkdir()
+    (data / "validation.jsonl").write_text(json.dumps(GSM8K_ROWS[0]) + "\n")
+    shutil.copytree(saved["run"], run)
+    record = json.loads((run / "run.json").read_text())
+    record["config"].update(dataset=str(data), eval_split="validation")
+    (run / "run.json").write_text(json.dumps(record))
+    output = tmp_path / "report.json"
+    args = eval_args("--adapter", str(run), "--max-new-tokens", "2", "--output", str(output))
+    assert run_eval(args) == 0
+    report = json.loads(output.read_text())
+    assert report["setup"]["split"] == "validation" and report["summary"]["n"] == 1
 
 
 def test_run_eval_baseline_without_adapter(saved, tmp_path):

@@ -192,6 +192,8 @@ def _openbookqa_hub(row: dict[str, Any], fmt: str) -> Example:
 def _hellaswag(context_field: str) -> Callable[[dict[str, Any], str], Example]:
     def format_hellaswag(row: dict[str, Any], fmt: str) -> Example:
         context, endings = _field(row, context_field), list(_field(row, "endings"))
+        if row.get("label") == "":  # how the hub's test split leaves it
+            raise BadFieldError("label", "is empty: HellaSwag's test split is unlabelled")
         label = str(_field(row, "label")).strip()  # an int in the release, a string on the hub
         if not label.isdigit() or int(label) >= len(endings):
             raise BadFieldError("label", f"is '{label}', not an index into the endings")
