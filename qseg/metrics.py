@@ -16,9 +16,12 @@ import math
 import re
 from collections.abc import Sequence
 
-# The number right after "####" (after "$", "," and "%" are removed); a trailing "." is
-# allowed, a following digit, letter, "/" or "^" is not, so "1/2" is not read as 1.
-_ANSWER_NUMBER = re.compile(r"\s*([-+−]?(?:\d+\.?\d*|\.\d+))(?![\w/^])")
+# The number right after "####" (after "$", "," and "%" are removed), read whole; a
+# trailing "." is part of it, a letter, "/" or "^" right after it is not allowed, so
+# "1/2" and "2.5kg" are not numbers. (Checked after the match: a lookahead would make the
+# regex back off to a shorter number, "1" of "1/2" or "2" of "2.5kg".)
+_ANSWER_NUMBER = re.compile(r"\s*([-+−]?(?:\d+\.?\d*|\.\d+))")
+_ANSWER_END = re.compile(r"[\w/^]")
 _STEP = re.compile(r"<<(.*?)>>", re.DOTALL)
 _WHITESPACE = re.compile(r"\s+")
 # A standalone capital letter A-E: not part of a word such as "Answer" or "A1".
@@ -58,8 +61,9 @@ def extract_answer(text: str) -> float | None:
     _, sep, tail = text.rpartition("####")
     if not sep:
         return None
-    match = _ANSWER_NUMBER.match(re.sub(r"[$,%]", "", tail))
-    if match is None:
+    tail = re.sub(r"[$,%]", "", tail)
+    match = _ANSWER_NUMBER.match(tail)
+    if match is None or _ANSWER_END.match(tail, match.end()):
         return None
     return float(match.group(1).replace("−", "-"))
 

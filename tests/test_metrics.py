@@ -45,7 +45,12 @@ def test_extract_answer_reads_the_number_after_the_last_marker(text, expected):
     assert extract_answer(text) == expected
 
 
-@pytest.mark.parametrize("text", ["18", "no marker here", "#### ", "#### eighteen", "#### 1/2"])
+@pytest.mark.parametrize(
+    "text",
+    # a number is read whole: not "2" of "2.5kg", "1" of "1.5/2" or "3" of "3.75hours"
+    ["18", "no marker here", "#### ", "#### eighteen", "#### 1/2", "#### 2.5kg", "#### 1.5/2",
+     "#### 3.75hours", "#### 3^2"],
+)  # fmt: skip
 def test_extract_answer_is_none_without_a_number_after_the_marker(text):
     assert extract_answer(text) is None
 
