@@ -10,6 +10,7 @@ Within one layer, `max_steps` wins over `epochs`; a layer that gives `epochs` wi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from collections.abc import Callable, Mapping
@@ -342,6 +343,9 @@ def _check_int(cfg: TrainConfig, name: str, *, minimum: int, also: str = "") -> 
 
 def _check_float(cfg: TrainConfig, name: str, ok: Callable[[float], bool], allowed: str) -> None:
     value = getattr(cfg, name)
+    if isinstance(value, str):  # YAML 1.1 reads 5e-5 (no ".") as a string
+        with contextlib.suppress(ValueError):
+            value = float(value)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
         raise ValueError(f"{name} must be {allowed}; got {value!r}")
     setattr(cfg, name, float(value))

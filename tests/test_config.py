@@ -104,6 +104,13 @@ def test_yaml_accepts_dashed_keys_and_rejects_non_mappings(tmp_path: Path) -> No
         load_yaml(tmp_path / "missing.yaml")
 
 
+def test_yaml_numbers_in_exponent_form_are_numbers(tmp_path: Path) -> None:
+    config_file = tmp_path / "c.yaml"
+    config_file.write_text("lr: 5e-5\nweight_decay: 1e-2\n")  # strings to YAML 1.1
+    cfg = resolve_config({}, config_file)
+    assert (cfg.lr, cfg.weight_decay) == (5e-5, 1e-2)
+
+
 def test_saved_config_round_trips_as_a_config_file(tmp_path: Path) -> None:
     cfg = resolve_config({"loss": "focal:1:gamma=3", "lora_targets": "q_proj,v_proj", "lr": 5e-4})
     cfg.save(tmp_path / "saved.yaml")
