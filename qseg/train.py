@@ -177,6 +177,10 @@ class TargetCounts:
     def as_tuple(self) -> tuple[int, int, int]:
         return self.answer_tokens, self.sequence_tokens, self.samples
 
+    def most(self, other: TargetCounts) -> TargetCounts:
+        """The larger of each count."""
+        return TargetCounts(*map(max, self.as_tuple(), other.as_tuple()))
+
     def __add__(self, other: TargetCounts) -> TargetCounts:
         return TargetCounts(
             self.answer_tokens + other.answer_tokens,
@@ -222,13 +226,16 @@ class LossTrainer(Trainer):
         self.chunk_size = chunk_size
         # transformers < 5.24 has no `loss_is_scaled_for_ga` and reads this flag instead.
         self.model_accepts_loss_kwargs = True
+        self.largest_batch = TargetCounts()  # the most of each count in one micro-batch
 
     def get_batch_samples(
         self, epoch_iterator: Iterator, num_batches: int, device: torch.device
     ) -> tuple[list[dict[str, torch.Tensor]], TargetCounts]:
         """The next accumulated batch and its `TargetCounts` (instead of a token count)."""
         batches, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
-        counts = sum((TargetCounts.of(batch) for batch in batches), TargetCounts())
+        per_batch = [TargetCounts.of(batch) for batch in batches]
+        self.largest_batch = functools.reduce(TargetCounts.most, per_batch, self.largest_batch)
+        counts = sum(per_batch, TargetCounts())
         if self._normalizes_across_processes():
             per_process = self.accelerator.gather(torch.tensor(counts.as_tuple(), device=device))
             counts = TargetCounts(*per_process.view(-1, 3).sum(dim=0).tolist())
@@ -268,23 +275,43 @@ class LossTrainer(Trainer):
         # reads them in place. The last position has no next token to score.
         answer_labels = shift_left(inputs["labels"])
 
-        answer_terms = dict(self.loss_spec)
         parts = []
-        if self.ce_scope == "sequence" and "cross_entropy" in answer_terms:
-            ce = {"cross_entropy": answer_terms.pop("cross_entropy")}
-            padding = inputs["attention_mask"] == 0
-            sequence_labels = shift_left(inputs["input_ids"].masked_fill(padding, IGNORE_INDEX))
-            parts.append(
-                self._fused(hidden, head, sequence_labels, ce, totals.sequence_tokens, None)
-            )
-        if answer_terms:
-            parts.append(
-                self._fused(
-                    hidden, head, answer_labels, answer_terms, totals.answer_tokens, totals.samples
+        for scope, terms in self.loss_passes().items():
+            if scope == "sequence":
+                padding = inputs["attention_mask"] == 0
+                labels = shift_left(inputs["input_ids"].masked_fill(padding, IGNORE_INDEX))
+                part = self._fused(hidden, head, labels, terms, totals.sequence_tokens, None)
+            else:
+                part = self._fused(
+                    hidden, head, answer_labels, terms, totals.answer_tokens, totals.samples
                 )
-            )
+            parts.append(part)
         loss = sum(parts[1:], parts[0]) * process_scale
         return (loss, {}) if return_outputs else loss
+
+    def loss_passes(self) -> dict[str, dict[str, dict[str, Any]]]:
+        """The mixture split by what it scores: {"sequence": cross-entropy} with
+        ce_scope="sequence", and {"answer": the other terms} (every term otherwise)."""
+        answer_terms = dict(self.loss_spec)
+        passes = {}
+        if self.ce_scope == "sequence" and "cross_entropy" in answer_terms:
+            passes["sequence"] = {"cross_entropy": answer_terms.pop("cross_entropy")}
+        if answer_terms:
+            passes["answer"] = answer_terms
+        return passes
+
+    def chunk_plans(self, vocab: int, hidden_dim: int, dtype: torch.dtype) -> dict[str, dict]:
+        """The auto-tuner's plan of each pass for the largest micro-batch trained on, the
+        one that set the loss's peak memory (a smaller batch may get smaller chunks)."""
+        plans = {}
+        for scope, terms in self.loss_passes().items():
+            tokens = getattr(self.largest_batch, f"{scope}_tokens")
+            if tokens == 0:
+                continue
+            device = self.accelerator.device
+            plan = plan_chunks(tokens, vocab, hidden_dim, dtype, terms, device=device)
+            plans[scope] = {"scored_tokens": tokens, **plan.as_dict()}
+        return plans
 
     def _fused(
         self,
@@ -435,14 +462,10 @@ def run_record(
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     head = output_head(loaded.model)
     vocab, hidden_dim = head.weight.shape[0], head.in_features
-    plan = plan_chunks(
-        cfg.batch_size * cfg.max_length,
-        vocab,
-        hidden_dim,
-        loaded.dtype,
-        cfg.loss,
-        device=next(loaded.model.parameters()).device,
-    )
+    if cfg.chunk_size == "auto":
+        chunk_plan = trainer.chunk_plans(vocab, hidden_dim, loaded.dtype)
+    else:
+        chunk_plan = {"rows": cfg.chunk_size}
     return {
         "qseg_version": qseg.__version__,
         "versions": library_versions(),
@@ -461,7 +484,7 @@ def run_record(
         "tokens_per_second": round(monitor.tokens_per_second, 1),
         "peak_memory_bytes": peak_memory_bytes(),
         "peak_memory_kind": "cuda_max_allocated" if torch.cuda.is_available() else "cpu_peak_rss",
-        "chunk_plan": plan.as_dict() if cfg.chunk_size == "auto" else {"rows": cfg.chunk_size},
+        "chunk_plan": chunk_plan,
         "trainer_metrics": metrics,
         "model_info": model,
         "eval": evaluation["summary"] if evaluation is not None else None,

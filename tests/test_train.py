@@ -262,7 +262,9 @@ def test_run_writes_adapter_tokenizer_config_and_record(tiny_run, tiny_llama_dir
     assert (record["backend"], record["quantization"]) == ("transformers", "none")
     assert record["loss"] == resolve_config({"loss": "cross_entropy:0.6,lovasz:0.4"}).loss
     assert record["tokens_per_second"] > 0 and record["peak_memory_bytes"] > 0
-    assert record["chunk_plan"]["rows"] >= 1 and "budget" in record["chunk_plan"]["reason"]
+    plan = record["chunk_plan"]["answer"]  # of the largest micro-batch's answer tokens
+    assert 0 < plan["scored_tokens"] < 2 * MAX_LENGTH and "budget" in plan["reason"]
+    assert 1 <= plan["rows"] <= plan["scored_tokens"]
     assert record["eval"]["n"] == 2 and "exact_match" in record["eval"]
     assert record["versions"]["torch"] == torch.__version__
     assert record["gradient_checkpointing"] is torch.cuda.is_available()  # "auto": GPU only
