@@ -274,6 +274,19 @@ def test_huge_logits_stay_finite(losses):
     assert torch.isfinite(logits.grad).all()
 
 
+def test_reusing_a_token_wise_graph_after_its_gradients_changed_is_a_clear_error():
+    """The buffers autograd adopts as .grad are the ones the graph keeps: a second backward
+    (retain_graph) accumulates into them, and a third must say what happened."""
+    hidden, weight, _, labels = make_batch(dtype=torch.float32)
+    loss = fused_linear_loss(hidden, weight, labels, "cross_entropy", chunk_size=7)
+    loss.backward(retain_graph=True)
+    once = weight.grad.clone()
+    loss.backward(retain_graph=True)
+    torch.testing.assert_close(weight.grad, 2 * once)
+    with pytest.raises(RuntimeError, match="compute the loss again for each backward"):
+        loss.backward()
+
+
 def test_linear_module_with_bias_and_frozen_weight():
     hidden, _, _, labels = make_batch(dtype=torch.float32)
     head = nn.Linear(D, V)

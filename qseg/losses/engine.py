@@ -218,7 +218,15 @@ class TokenLossFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_total):
-        saved = iter(ctx.saved_tensors)
+        try:
+            saved = iter(ctx.saved_tensors)
+        except RuntimeError as err:  # autograd's version check
+            raise RuntimeError(
+                "a fused token-wise loss hands autograd its gradient buffers uncopied, so a "
+                "further backward through the same loss (retain_graph=True) fails once those "
+                "gradients have changed in place (accumulated into, or edited): compute the "
+                "loss again for each backward"
+            ) from err
         grads = [next(saved) if present else None for present in ctx.present]
         # With an upstream gradient of 1 autograd adopts the buffers as .grad; scaling
         # them would copy each one, a (V, d) copy for a trainable head.
