@@ -237,19 +237,19 @@ def check_head_gives_the_logits(model: nn.Module) -> None:
 
     Gemma 2 to 4 soft-cap their logits (30·tanh(z/30)), Granite divides and Cohere
     multiplies them by a constant: training those through the hidden states would fit
-    other logits than the model predicts with. Checked on a few tokens, in eval mode.
+    other logits than the model predicts with. Checked on a few tokens, in the model's
+    own mode (an eval-mode pass would switch bitsandbytes' 4-bit layers on a CPU to an
+    inference format that passes no gradient), with the same random dropout in both.
     """
     embeddings = model.get_input_embeddings()
-    tokens = torch.arange(1, 9, device=embeddings.weight.device)
-    input_ids = (tokens % embeddings.num_embeddings)[None]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            logits = model(input_ids=input_ids, use_cache=False).logits
-            fused = output_head(model)(backbone_hidden_states(model, input_ids))
-    finally:
-        model.train(was_training)
+    device = embeddings.weight.device
+    input_ids = (torch.arange(1, 9, device=device) % embeddings.num_embeddings)[None]
+    cuda_devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.no_grad(), torch.random.fork_rng(devices=cuda_devices):
+        torch.manual_seed(0)
+        logits = model(input_ids=input_ids, use_cache=False).logits
+        torch.manual_seed(0)
+        fused = output_head(model)(backbone_hidden_states(model, input_ids))
     if logits.shape != fused.shape:  # a backend that leaves out the logits: nothing to compare
         log.info("logits check skipped: the model returned logits of shape %s", logits.shape)
         return

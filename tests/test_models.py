@@ -183,6 +183,28 @@ def test_models_whose_logits_are_the_head_of_the_hidden_states_pass(tiny_folder)
     check_head_gives_the_logits(Gemma2ForCausalLM(uncapped))
 
 
+def test_the_logits_check_leaves_4bit_layers_trainable(tiny_folder):
+    """On a CPU with AVX512-BF16 (ours has it), bitsandbytes turns a 4-bit layer's weights
+    into an inference format that passes no gradient the first time it runs in eval mode
+    without grad: the check must not do that. The LoRA gradients after the check equal
+    those of a model never checked."""
+    pytest.importorskip("bitsandbytes")
+    input_ids = torch.tensor([[3, 4, 5, 6, 7, 8, 9], [9, 8, 7, 6, 5, 4, 3]])
+
+    def lora_grads(check: bool) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        model = _load(tiny_folder, quantization="4bit", lora=LoraSettings(dropout=0.0)).model
+        if check:
+            check_head_gives_the_logits(model)
+        backbone_hidden_states(model, input_ids).pow(2).mean().backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    unchecked, checked = lora_grads(False), lora_grads(True)
+    assert unchecked.keys() == checked.keys() and any(g.abs().sum() > 0 for g in checked.values())
+    for name, grad in unchecked.items():
+        torch.testing.assert_close(checked[name], grad, msg=name)
+
+
 def test_tokenizer_gets_pad_token_and_padding_side(tiny_folder):
     loaded = _load(tiny_folder, quantization="none", trainable=False, padding_side="left")
     tokenizer = loaded.tokenizer
