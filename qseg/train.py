@@ -519,12 +519,19 @@ def check_output_dir(cfg: TrainConfig) -> Path:
         return fresh_run_dir(RUNS_ROOT)
     output_dir = Path(cfg.output_dir)
     if cfg.resume:
-        if get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None:
-            return output_dir
-        raise ValueError(
-            f"--resume: {output_dir} holds no checkpoint-N folder to continue from; "
-            "train into it without --resume first"
-        )
+        checkpoint = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+        if checkpoint is None:
+            raise ValueError(
+                f"--resume: {output_dir} holds no checkpoint-N folder to continue from; "
+                "train into it without --resume first"
+            )
+        state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+        if cfg.max_steps is not None and state["global_step"] >= cfg.max_steps:
+            raise ValueError(
+                f"--resume: {output_dir} has already trained {state['global_step']} steps and "
+                f"max_steps is {cfg.max_steps}; pass a larger --max-steps to train on"
+            )
+        return output_dir
     if output_dir.exists() and not output_dir.is_dir():
         raise ValueError(f"output dir {output_dir} is a file; choose a folder")
     entries = sorted(output_dir.iterdir()) if output_dir.is_dir() else []

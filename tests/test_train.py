@@ -350,6 +350,15 @@ def test_a_model_that_scales_its_logits_is_refused_before_training(tmp_path, cap
     assert not out.exists()
 
 
+def test_resume_of_a_finished_run_asks_for_more_steps(tiny_run):
+    out, _ = tiny_run  # trained its max_steps, 2
+    for max_steps in (None, 2):
+        flags = {"resume": True, "output_dir": str(out)}
+        cfg = resolve_config(flags if max_steps is None else {**flags, "max_steps": max_steps})
+        with pytest.raises(ValueError, match="already trained 2 steps and max_steps is 2"):
+            check_output_dir(cfg)
+
+
 def test_resume_needs_an_output_dir():
     with pytest.raises(ValueError, match="--resume needs --output-dir"):
         check_output_dir(TrainConfig(resume=True))
