@@ -14,6 +14,7 @@ by the run's loss mix::
 import argparse
 import json
 import math
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -260,6 +261,15 @@ def run_compare(args: argparse.Namespace) -> int:
     if problems:
         raise ValueError("cannot compare:\n  " + "\n  ".join(problems))
 
+    sizes = {result.name: result.summary.get("n") for result in results}
+    if len(set(sizes.values())) > 1:
+        print(
+            "warning: the results come from different numbers of examples ("
+            + ", ".join(f"{name}: {n}" for name, n in sizes.items())
+            + "), so their scores differ by chance too; score each with the same "
+            "`qseg eval --limit N --output FILE` and compare those files",
+            file=sys.stderr,
+        )
     table = markdown_table(results)
     print(table)
     output_dir.mkdir(parents=True, exist_ok=True)

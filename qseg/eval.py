@@ -22,6 +22,7 @@ import torch
 from tqdm import tqdm
 
 from qseg.compare import read_run
+from qseg.config import TrainConfig
 from qseg.data import Example, encode_prompt, format_prompt, load_examples
 from qseg.metrics import score_choice, score_math
 
@@ -209,8 +210,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-new-tokens",
         type=int,
-        default=128,
-        help="longest answer in tokens (default: 128)",
+        help="longest answer in tokens (default: the run's, else as qseg train scores: "
+        f"{TrainConfig.eval_max_new_tokens})",
     )
     parser.add_argument("--output", metavar="FILE", help="write the JSON report to FILE")
     parser.add_argument(
@@ -226,11 +227,13 @@ def run_eval(args: argparse.Namespace) -> int:
     output = Path(args.output) if args.output else None
     if output is not None and output.exists() and not args.overwrite:
         raise ValueError(f"{output} exists; pass --overwrite to replace it or choose another file")
-    for flag, value in (("--limit", args.limit), ("--batch-size", args.batch_size)):
+    for flag, value in (
+        ("--limit", args.limit),
+        ("--batch-size", args.batch_size),
+        ("--max-new-tokens", args.max_new_tokens),
+    ):
         if value is not None and value < 1:
             raise ValueError(f"{flag} must be >= 1, got {value}")
-    if args.max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
 
     # Imported here: peft and bitsandbytes take seconds to import, `qseg --help` should not.
     from qseg.models import default_model_source, load_model
@@ -243,7 +246,9 @@ def run_eval(args: argparse.Namespace) -> int:
         "dataset": args.dataset or config.get("dataset") or "gsm8k-sample",
         "split": args.split or config.get("eval_split") or "test",
         "format": args.format or config.get("format") or "steps",
-        "max_new_tokens": args.max_new_tokens,
+        "max_new_tokens": args.max_new_tokens
+        or config.get("eval_max_new_tokens")
+        or TrainConfig.eval_max_new_tokens,
     }
     examples = load_examples(
         setup["dataset"], setup["split"], fmt=setup["format"], limit=args.limit
@@ -266,7 +271,7 @@ def run_eval(args: argparse.Namespace) -> int:
         loaded.tokenizer,
         examples,
         batch_size=args.batch_size,
-        max_new_tokens=args.max_new_tokens,
+        max_new_tokens=setup["max_new_tokens"],
     )
     report["setup"] = setup
     print_table(report["summary"])

@@ -97,6 +97,15 @@ def test_compare_accepts_an_eval_report_as_baseline(two_runs, tmp_path):
     assert "| baseline | base model (no adapter) | gsm8k | 5 | 0.000 | 0.100 | 0.500 |" in table
 
 
+def test_results_of_different_sizes_are_compared_with_a_warning(two_runs, tmp_path, capsys):
+    report = tmp_path / "base.json"
+    summary_50 = {**summary(0.0, 0.1, 0.5), "n": 50}
+    report.write_text(json.dumps({"summary": summary_50, "setup": {"adapter": None}}))
+    argv = [*map(str, two_runs), str(report), "--output-dir", str(tmp_path / "out")]
+    assert run_compare(compare_args(*argv)) == 0
+    assert "different numbers of examples (ce: 5, gdice: 5, base: 50)" in capsys.readouterr().err
+
+
 def test_a_run_json_path_reads_its_run(two_runs):
     result = load_result(two_runs[1] / "run.json")
     assert (result.name, result.summary["exact_match"]) == ("gdice", 0.4)

@@ -223,20 +223,21 @@ def test_run_eval_on_a_run_dir_writes_the_report(saved, tmp_path, capsys):
     assert "exact_match" in printed and str(output) in printed
 
 
-def test_run_eval_scores_the_runs_held_out_split(saved, tmp_path):
-    """A run trained with eval_split "validation" (the HellaSwag preset) is scored on it."""
+def test_run_eval_scores_as_the_run_did(saved, tmp_path):
+    """A run trained with eval_split "validation" (the HellaSwag preset) is scored on it,
+    with the answer length its end-of-training evaluation used."""
     data, run = tmp_path / "data", tmp_path / "run"
     data.mkdir()
     (data / "validation.jsonl").write_text(json.dumps(GSM8K_ROWS[0]) + "\n")
     shutil.copytree(saved["run"], run)
     record = json.loads((run / "run.json").read_text())
-    record["config"].update(dataset=str(data), eval_split="validation")
+    record["config"].update(dataset=str(data), eval_split="validation", eval_max_new_tokens=2)
     (run / "run.json").write_text(json.dumps(record))
     output = tmp_path / "report.json"
-    args = eval_args("--adapter", str(run), "--max-new-tokens", "2", "--output", str(output))
-    assert run_eval(args) == 0
+    assert run_eval(eval_args("--adapter", str(run), "--output", str(output))) == 0
     report = json.loads(output.read_text())
     assert report["setup"]["split"] == "validation" and report["summary"]["n"] == 1
+    assert report["setup"]["max_new_tokens"] == 2
 
 
 def test_run_eval_baseline_without_adapter(saved, tmp_path):
