@@ -136,6 +136,10 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# What "next:" suggests trying: the first whose loss the run did not use.
+OTHER_LOSSES = (("focal:1:gamma=3", "focal"), ("cross_entropy:0.6,lovasz:0.4", "lovasz"))
+
+
 def summary(record: dict[str, Any]) -> str:
     """What a user reads after training: the result, where it is, and what to try next."""
     out = record["output_dir"]
@@ -152,16 +156,18 @@ def summary(record: dict[str, Any]) -> str:
     if record["eval"] is not None:
         lines += ["", f"held-out evaluation ({out}/eval.json):", format_table(record["eval"])]
     run, config = shlex.quote(out), shlex.quote(str(Path(out) / "config.yaml"))
+    loss, name = next((spec, name) for spec, name in OTHER_LOSSES if name not in record["loss"])
+    other = shlex.quote(f"{out}-{name}")
     next_steps = {
         "score more held-out problems": f"qseg eval --adapter {run} --limit 50",
         # the same run (its saved config) with only the loss changed
         "train with another loss": (
-            f"qseg train --config {config} --loss focal:1:gamma=3 "
-            f"--output-dir {shlex.quote(out + '-focal')}"
+            f"qseg train --config {config} --loss {loss} --output-dir {other}"
         ),
-        "compare the two runs": f"qseg compare {run} {shlex.quote(out + '-focal')}",
-        "the paper's GSM8K recipe": "qseg train --preset paper-gsm8k",
+        "compare the two runs": f"qseg compare {run} {other}",
     }
+    if record["peak_memory_kind"] == "cuda_max_allocated":  # days of training on a CPU
+        next_steps["the paper's GSM8K recipe"] = "qseg train --preset paper-gsm8k"
     lines += [
         "",
         f"adapter: {out}  (load with PeftModel.from_pretrained(base_model, {str(out)!r}))",
