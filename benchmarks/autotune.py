@@ -126,7 +126,7 @@ def analyse(rows: list[dict[str, Any]]) -> list[str]:
             f"pick {pick['chunk_size']} rows ({pick['ms']:.1f} ms, transient "
             f"{pick['transient_mb']:.0f} of {pick['budget_mb']:.0f} MiB budget); "
             f"fastest fitting {fastest['chunk_size']} rows ({fastest['ms']:.1f} ms): "
-            f"{'PASS' if pick['within_10pct'] else 'FAIL'} (within 10%); measured "
+            f"pick within 10% of it: {'yes' if pick['within_10pct'] else 'no'}; measured "
             f"{pick['bytes_per_logit']:.1f} bytes/logit, "
             f"tuner's estimate {pick['estimated_bytes_per_logit']:.1f}"
         )

@@ -66,7 +66,7 @@ EOF
   echo "=== summary"
   printf '%s\n' "${summary[@]}"
   echo "--- verdicts"
-  grep -h -E "^(issue [25]|\[.*\] .*within 10%)" "$steps"/* || echo "(no verdict lines)"
+  grep -h -E "^(target vs|\[.*\] .*within 10%)" "$steps"/* || echo "(no verdict lines)"
   echo "--- files in $out"
   ls -l "$out"
 }
