@@ -146,8 +146,7 @@ def summary(record: dict[str, Any]) -> str:
     losses = record["losses"]
     lines = [
         "",
-        f"trained {record['steps']} step{'' if record['steps'] == 1 else 's'} of "
-        f"{record['model']} ({record['backend']}, "
+        f"trained {_steps(record)} of {record['model']} ({record['backend']}, "
         f"{record['quantization']}) in {record['train_seconds']:.0f} s, "
         f"{record['tokens_per_second']:.0f} tokens/s, "
         f"peak memory {record['peak_memory_bytes'] / 2**30:.2f} GiB",
@@ -177,6 +176,14 @@ def summary(record: dict[str, Any]) -> str:
         *(f"  {what + ':':<30} {command}" for what, command in next_steps.items()),
     ]
     return "\n".join(lines)
+
+
+def _steps(record: dict[str, Any]) -> str:
+    """'30 steps', or after --resume '3 steps (1 in this run)': time and tokens/s are this
+    run's."""
+    steps, now = record["steps"], record["steps_this_run"]
+    text = f"{steps} step{'' if steps == 1 else 's'}"
+    return text if now == steps else f"{text} ({now} in this run)"
 
 
 def _chunk_size(text: str) -> int | str:

@@ -409,6 +409,7 @@ class StepMonitor(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         self.start = time.perf_counter()
         self.first_tokens = state.num_input_tokens_seen
+        self.first_step = state.global_step  # > 0 when resuming
         self.tokens_per_second = 0.0
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -478,6 +479,7 @@ def run_record(
         "gradient_checkpointing": uses_checkpointing(cfg),
         "processes": trainer.accelerator.num_processes,
         "steps": trainer.state.global_step,
+        "steps_this_run": trainer.state.global_step - monitor.first_step,
         "losses": losses,
         "final_loss": losses[-1] if losses else None,
         "train_seconds": round(train_seconds, 2),

@@ -296,7 +296,8 @@ def test_resume_continues_from_the_last_checkpoint(tiny_run, tmp_path):
     out = tmp_path / "resumed"
     shutil.copytree(first, out)
     resumed = train(resolve_config({"resume": True, "output_dir": str(out), "max_steps": 3}))
-    assert resumed["steps"] == 3
+    assert resumed["steps"] == 3 and resumed["steps_this_run"] == 1
+    assert "trained 3 steps (1 in this run) of" in summary(resumed)
     assert resumed["losses"][:2] == record["losses"]  # the first two steps were not redone
     assert len(resumed["losses"]) == 3 and (out / "checkpoint-3").is_dir()
     assert resumed["config"]["lr"] == 1e-3  # the saved config, not the defaults
