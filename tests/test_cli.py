@@ -23,9 +23,10 @@ def captured_config(monkeypatch) -> list[TrainConfig]:
     def fake_train(cfg: TrainConfig) -> dict:
         configs.append(cfg)
         return {
-            "output_dir": "runs/x", "losses": [1.0], "steps": 1, "model": "m",
-            "backend": "transformers", "quantization": "none", "train_seconds": 1.0,
-            "tokens_per_second": 1.0, "peak_memory_bytes": 1, "eval": None,
+            "output_dir": "runs/x", "losses": [1.0], "steps": 1, "steps_this_run": 1,
+            "model": "m", "backend": "transformers", "quantization": "none",
+            "loss": cfg.loss, "train_seconds": 1.0, "tokens_per_second": 1.0,
+            "peak_memory_bytes": 1, "peak_memory_kind": "cpu_peak_rss", "eval": None,
         }  # fmt: skip
 
     monkeypatch.setattr(qseg.cli, "train", fake_train)
