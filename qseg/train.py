@@ -540,7 +540,9 @@ def check_output_dir(cfg: TrainConfig) -> Path:
     if not entries:
         return output_dir
     foreign = [entry.name for entry in entries if not written_by_a_run(entry)]
-    if foreign or not is_run_dir(output_dir):
+    # With nothing foreign, a run is there if its config, its record or a checkpoint is.
+    holds_run = any(entry.name in (CONFIG_FILE, RUN_FILE) or entry.is_dir() for entry in entries)
+    if foreign or not holds_run:
         held = f" (it holds {', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''})"
         raise ValueError(
             f"output dir {output_dir} is not empty and does not hold a qseg run alone"
@@ -564,15 +566,6 @@ def agreed_output_dir(cfg: TrainConfig, state: PartialState) -> Path:
         output_dir = chosen[0]
         state.wait_for_everyone()
     return output_dir
-
-
-def is_run_dir(folder: Path) -> bool:
-    """True when `folder` holds a qseg run (its config, its record or a checkpoint)."""
-    return (
-        (folder / CONFIG_FILE).is_file()
-        or (folder / RUN_FILE).is_file()
-        or any(_CHECKPOINT.fullmatch(p.name) and p.is_dir() for p in folder.iterdir())
-    )
 
 
 def written_by_a_run(entry: Path) -> bool:
