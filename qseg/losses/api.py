@@ -161,9 +161,10 @@ def fused_linear_loss(
 def _autocast_parts(
     hiddens: list[Tensor], weights: list[Tensor], device: torch.device
 ) -> tuple[list[Tensor], list[Tensor]]:
-    """Under autocast, the head's float32 parts in the autocast dtype, cast once for all
-    chunks: the matmuls then run as `hidden @ W.T` would under that autocast."""
-    if not torch.is_autocast_enabled(device.type):
+    """Under autocast on CUDA, the head's float32 parts in the autocast dtype, cast once for
+    all chunks: the matmuls then run as `hidden @ W.T` would under that autocast. Elsewhere
+    the engine would upcast half parts again, so float32 parts stay float32."""
+    if not torch.is_autocast_enabled(device.type) or engine.upcasts_half_products(device):
         return hiddens, weights
     low = torch.get_autocast_dtype(device.type)
 

@@ -2,11 +2,12 @@
 
 One chunk's transient memory is about `bytes_per_row = bytes_per_logit · V + 2 · d ·
 itemsize` (its logits, plus its gathered hidden rows and their gradient). The logit
-gradient is written over the logits, so per logit that is, eager (CPU): the logits in
-their own dtype and one accumulation-dtype temporary (the log-sum-exp's), plus for half
-inputs their float32 upcast: 8 bytes for float32, 10 for bf16. Compiled (CUDA): the half
-logits alone, the fused kernels keeping their float32 values in registers, plus a margin
-of 2 bytes. `benchmarks/autotune.py` checks these estimates against measured peaks.
+gradient is written over the logits, so per logit that is, on a CPU: the logits in the
+accumulation dtype (half inputs are upcast) and one temporary of that dtype (the
+log-sum-exp's): 8 bytes, 16 for float64. On CUDA, compiled: the half logits alone, the
+fused kernels keeping their float32 values in registers, plus a margin of 2 bytes; eager
+(QSEG_COMPILE=0): the logits, their float32 upcast and the temporary, 10 bytes for bf16.
+`benchmarks/autotune.py` checks these estimates against measured peaks.
 
 The budget comes from the memory free on the device (`default_budget`). Token-wise
 mixtures are further held to chunks whose logits have no more entries than the scored
@@ -22,7 +23,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .engine import uses_compiled_kernels
+from .engine import upcasts_half_products, uses_compiled_kernels
 from .registry import normalize_losses, split_by_kind
 
 MiB = 1 << 20
@@ -52,18 +53,20 @@ class ChunkPlan:
         return asdict(self)
 
 
-def bytes_per_logit(dtype: torch.dtype, compiled: bool = False) -> int:
+def bytes_per_logit(dtype: torch.dtype, device: torch.device) -> int:
     """Transient bytes per (row, vocabulary entry) of one chunk, for inputs of `dtype`."""
     accumulate = 8 if dtype == torch.float64 else 4
     native = torch.finfo(dtype).bits // 8
-    if compiled:
+    if upcasts_half_products(device):
+        return 2 * accumulate
+    if uses_compiled_kernels(device):
         return native + 2
     return native + accumulate + (accumulate if native < accumulate else 0)
 
 
-def bytes_per_row(vocab: int, hidden_dim: int, dtype: torch.dtype, compiled: bool) -> int:
+def bytes_per_row(vocab: int, hidden_dim: int, dtype: torch.dtype, device: torch.device) -> int:
     """Transient bytes per row of one chunk: its logits, gathered hidden row and gradient."""
-    return bytes_per_logit(dtype, compiled) * vocab + 2 * hidden_dim * dtype.itemsize
+    return bytes_per_logit(dtype, device) * vocab + 2 * hidden_dim * dtype.itemsize
 
 
 def default_budget(device: torch.device) -> tuple[int, str]:
@@ -124,7 +127,7 @@ def plan_chunks(
     """
     device = torch.device(device)
     token_path = losses is not None and _token_only(losses)
-    per_row = bytes_per_row(vocab, hidden_dim, dtype, uses_compiled_kernels(device))
+    per_row = bytes_per_row(vocab, hidden_dim, dtype, device)
     if chunk_memory is None:
         budget, why = default_budget(device)
         if token_path:

@@ -18,6 +18,13 @@ Two autograd functions:
   chunk's softmax to turn the small upstream gradient into the logit gradient
   dz = scatter(g) − p · Σg, never storing it.
 Both write a chunk's logit gradient over its logits, in place: one (chunk, V) buffer each.
+
+Precision: logits, log-sum-exps and logit gradients are float32 (float64 for float64
+inputs). Off CUDA, products with a half-precision head are formed in float32 from upcast
+blocks of its rows, so half inputs give what their float32 upcast would. On CUDA the half
+matmul is kept (float32 accumulation, half output, upcast after), as Liger-Kernel does: an
+exact float32 product there would take a float32 logits buffer plus a half copy of its
+gradient per chunk, three times the bytes per logit and so a third of the rows per chunk.
 """
 
 from __future__ import annotations
@@ -39,18 +46,60 @@ def accumulation_dtype(*tensors: Tensor | None) -> torch.dtype:
     return torch.float64 if has_double else torch.float32
 
 
+def upcasts_half_products(device: torch.device) -> bool:
+    """Whether products with half-precision head parts on `device` are formed in float32
+    from upcast blocks: everywhere but CUDA (see the module docstring)."""
+    return device.type != "cuda"
+
+
+def upcasts_half(weight: Tensor) -> bool:
+    """Whether products with this head part are formed in float32 from upcast blocks."""
+    return weight.dtype in (torch.float16, torch.bfloat16) and upcasts_half_products(
+        weight.device
+    )
+
+
+# Rows of a half head upcast at a time: a 4 MiB float32 block, whatever the vocabulary.
+UPCAST_BLOCK_BYTES = 4 << 20
+
+
+def _head_blocks(weight: Tensor) -> Iterator[slice]:
+    rows = max(1, UPCAST_BLOCK_BYTES // (4 * weight.shape[1]))
+    for start in range(0, weight.shape[0], rows):
+        yield slice(start, start + rows)
+
+
+def _times_head_t(h: Tensor, w: Tensor, dtype: torch.dtype) -> Tensor:
+    """h (chunk, d) @ w (V, d)ᵀ: in the inputs' dtype, or in `dtype` from upcast blocks."""
+    if not upcasts_half(w):
+        return h @ w.T
+    h = h.to(dtype)
+    out = torch.empty(h.shape[0], w.shape[0], dtype=dtype, device=h.device)
+    for block in _head_blocks(w):
+        torch.mm(h, w[block].to(dtype).T, out=out[:, block])
+    return out
+
+
+def _times_head(dz: Tensor, w: Tensor) -> Tensor:
+    """dz (chunk, V) @ w (V, d) in dz's dtype, from upcast blocks of a half w."""
+    out = dz.new_zeros(dz.shape[0], w.shape[1])
+    for block in _head_blocks(w):
+        out.addmm_(dz[:, block], w[block].to(dz.dtype))
+    return out
+
+
 def chunk_logits(
     chunk_hiddens: Sequence[Tensor],
     weights: Sequence[Tensor],
     bias: Tensor | None,
     dtype: torch.dtype,
 ) -> Tensor:
-    """(chunk, V) logits from the chunk's parts h_i (chunk, d_i). A lone part without bias
-    stays in its matmul's dtype (the upcast happens inside the elementwise kernels); sums
-    are in `dtype`."""
+    """(chunk, V) logits from the chunk's parts h_i (chunk, d_i). A lone half part on CUDA
+    without bias stays in its matmul's dtype (the upcast happens inside the elementwise
+    kernels); everything else is in `dtype`."""
     logits = None
     for h, w in zip(chunk_hiddens, weights, strict=True):
-        part = h @ w.T
+        part = _times_head_t(h, w, dtype)
         logits = part if logits is None else logits.to(dtype).add_(part)
     if bias is not None:
         logits = logits.to(dtype).add_(bias)
@@ -144,30 +193,47 @@ class _GradientSink:
             torch.zeros(h.shape, dtype=h.dtype, device=h.device) if n else None
             for h, n in zip(hiddens, needs[1::2], strict=True)
         ]
+        # An upcast half weight's gradient is summed over the chunks in float32.
         self.w = [
-            torch.zeros_like(w) if n else None for w, n in zip(weights, needs[2::2], strict=True)
+            torch.zeros(w.shape, dtype=_sum_dtype(w), device=w.device) if n else None
+            for w, n in zip(weights, needs[2::2], strict=True)
         ]
 
     def add(self, dz: Tensor, chunk_hiddens: Sequence[Tensor], rows: Rows) -> None:
         """Add one chunk's (chunk, V) logit gradient; `chunk_hiddens` are its parts' rows."""
         casts = {dz.dtype: dz}
         for h, w, dh, dw in zip(chunk_hiddens, self.weights, self.h, self.w, strict=True):
-            if w.dtype not in casts:
+            upcast = upcasts_half(w)
+            if not upcast and w.dtype not in casts:
                 casts[w.dtype] = dz.to(w.dtype)
-            dz_w = casts[w.dtype]
-            if dh is not None and isinstance(rows, slice):
+            dz_w = dz if upcast else casts[w.dtype]
+            if dh is not None and upcast:
+                _write_rows(dh, rows, _times_head(dz, w))
+            elif dh is not None and isinstance(rows, slice):
                 torch.mm(dz_w, w, out=dh[rows])
             elif dh is not None:
                 dh.index_copy_(0, rows, dz_w @ w)
             if dw is not None:
-                dw.addmm_(dz_w.T, h)
+                dw.addmm_(dz_w.T, h.to(dw.dtype))
         if self.bias is not None:
             self.bias += dz.sum(0, dtype=self.bias.dtype)
 
     def grads(self) -> list[Tensor | None]:
         """[db, dh_1, dW_1, dh_2, dW_2, ...], the order of the inputs."""
-        pairs = [g for pair in zip(self.h, self.w, strict=True) for g in pair]
+        w = [g if g is None else g.to(p.dtype) for g, p in zip(self.w, self.weights, strict=True)]
+        pairs = [g for pair in zip(self.h, w, strict=True) for g in pair]
         return [self.bias, *pairs]
+
+
+def _sum_dtype(weight: Tensor) -> torch.dtype:
+    return torch.float32 if upcasts_half(weight) else weight.dtype
+
+
+def _write_rows(dst: Tensor, rows: Rows, src: Tensor) -> None:
+    if isinstance(rows, slice):
+        dst[rows] = src
+    else:
+        dst.index_copy_(0, rows, src.to(dst.dtype))
 
 
 def _split_parts(parts: Sequence[Tensor]) -> tuple[Sequence[Tensor], Sequence[Tensor]]:
