@@ -261,8 +261,8 @@ def test_half_inputs_give_what_their_float32_upcast_gives(case, dtype):
     torch.testing.assert_close(loss, naive, rtol=1e-5, atol=1e-6)
     actual_grads = grads(loss, hidden, weight, bias)
     assert [g.dtype for g in actual_grads] == [dtype, dtype, torch.float32]
-    expected_grads = grads(naive, *up)
-    expected_grads = [g.to(t.dtype) for g, t in zip(expected_grads, (hidden, weight, bias))]
+    inputs = (hidden, weight, bias)
+    expected_grads = [g.to(t.dtype) for g, t in zip(grads(naive, *up), inputs, strict=True)]
     assert_close(actual_grads, expected_grads, rtol=1e-2, atol=1e-5)
 
 

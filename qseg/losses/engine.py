@@ -54,9 +54,7 @@ def upcasts_half_products(device: torch.device) -> bool:
 
 def upcasts_half(weight: Tensor) -> bool:
     """Whether products with this head part are formed in float32 from upcast blocks."""
-    return weight.dtype in (torch.float16, torch.bfloat16) and upcasts_half_products(
-        weight.device
-    )
+    return weight.dtype in (torch.float16, torch.bfloat16) and upcasts_half_products(weight.device)
 
 
 # Rows of a half head upcast at a time: a 4 MiB float32 block, whatever the vocabulary.
