@@ -154,7 +154,7 @@ def test_compiled_kernels_match_eager(dtype, monkeypatch):
     labels = torch.randint(0, 300, (2, 40), generator=g)
     labels[:, :7] = -100
     tol = {} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-3}
-    for case in ["cross_entropy", {"focal": 0.5, "dice": 0.5}]:
+    for case in ["cross_entropy", {"focal": 0.5, "dice": 0.5}, {"ce": 0.5, "gdice": 0.5}]:
         results = {}
         for compiled in (True, False):
             monkeypatch.setattr(engine, "uses_compiled_kernels", lambda device, c=compiled: c)
@@ -163,7 +163,11 @@ def test_compiled_kernels_match_eager(dtype, monkeypatch):
                 loss = fused_linear_loss(hidden, weight, labels, case, chunk_size=24)
                 results[compiled] = [loss, *grads(loss, hidden, weight)]
         assert_close(results[True], results[False], **tol)
-    assert set(engine._COMPILED) == {engine._logsumexp, engine._scaled_softmax_}
+    assert set(engine._COMPILED) == {
+        engine._logsumexp,
+        engine._scaled_softmax_,
+        engine._scaled_softmaxes_,
+    }
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
@@ -201,6 +205,50 @@ def test_no_valid_position_gives_zero_and_zero_grads(name):
     zero = loss_from_logits(logits, labels, name)
     zero.backward()
     assert zero.dtype == torch.float64 and torch.all(logits.grad == 0)
+
+
+def test_an_empty_batch_gives_zero():
+    hidden, weight, _, labels = make_batch()
+    for b, t in [(0, T), (B, 0)]:
+        empty = hidden[:b, :t]
+        loss = fused_linear_loss(empty, weight, labels[:b, :t], "generalized_dice")
+        assert loss.item() == 0.0
+        (grad,) = grads(loss, weight)
+        assert torch.all(grad == 0)
+        logits = (empty @ weight.T).detach().requires_grad_()
+        assert loss_from_logits(logits, labels[:b, :t], "lovasz").item() == 0.0
+
+
+@pytest.mark.parametrize("absent_weight", ["max", "reference"])
+@pytest.mark.parametrize("margin", [10.0, 40.0])
+@pytest.mark.parametrize("every_class", [False, True], ids=["some", "every-class"])
+def test_generalized_dice_stays_exact_when_predictions_are_confident(
+    absent_weight, margin, every_class
+):
+    """The absent classes' soft count is summed, not taken as |M_b| − Σ_{c∈K_b} P_bc: with
+    confident predictions that difference is rounding noise, which the reference weight
+    (1e20) made the whole loss (−3e-6 instead of 1.0 at a margin of 40, in float32)."""
+    g = torch.Generator().manual_seed(10)
+    labels = torch.randint(0, V if every_class else 5, (B, T), generator=g)
+    if every_class:  # no class is left outside the batch's
+        labels[0, :7], labels[2, :6] = torch.arange(7), torch.arange(7, V)
+    labels[1, :] = -100
+    logits = torch.randn(B, T, V, generator=g, dtype=torch.float64)
+    logits.scatter_add_(2, labels.clamp(min=0)[..., None], torch.full((B, T, 1), margin).double())
+    case = {"generalized_dice": {"absent_weight": absent_weight}}
+    expected = reference_loss(logits.requires_grad_(), labels, normalize_losses(case))
+    (expected_grad,) = grads(expected, logits)
+    z = logits.detach().float().requires_grad_()
+    identity = torch.eye(V)  # the fused path then sees the same logits
+    for loss in [
+        loss_from_logits(z, labels, case),
+        fused_linear_loss(z, identity, labels, case, chunk_size=4),
+    ]:
+        torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
+        if absent_weight == "max" and margin > 10:
+            continue  # its gradient (~1e-16) lives in 1 − p, below float32's resolution
+        (grad,) = grads(loss, z)
+        assert (grad.double() - expected_grad).norm() <= 1e-4 * expected_grad.norm()
 
 
 def test_custom_ignore_index():

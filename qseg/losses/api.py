@@ -40,7 +40,7 @@ class ValidTokens:
     def select(cls, labels: Tensor, vocab: int, ignore_index: int) -> ValidTokens:
         if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
             raise ValueError(f"labels must be an integer tensor (torch.long); got {labels.dtype}")
-        per_sample = labels.reshape(labels.shape[0], -1) if labels.dim() > 1 else labels[None]
+        per_sample = labels.flatten(1) if labels.dim() > 1 else labels[None]
         flat = per_sample.reshape(-1)
         index = (flat != ignore_index).nonzero().squeeze(1)
         valid = flat[index]
@@ -95,8 +95,13 @@ def _zero_loss(*inputs: Tensor | None) -> Tensor:
     return zero
 
 
-def _class_stats(logp: Tensor, target: Tensor, tokens: ValidTokens) -> functional.ClassStats:
-    return functional.ClassStats(logp, target, tokens.sample, tokens.num_samples)
+def _class_stats(
+    logp: Tensor, target: Tensor, tokens: ValidTokens, with_rest: bool
+) -> functional.ClassStats:
+    """From (n, k) column log-probabilities, plus the rest's as column k `with_rest`."""
+    k = logp.shape[1] - with_rest
+    rest = logp[:, k] if with_rest else None
+    return functional.ClassStats(logp[:, :k], target, tokens.sample, tokens.num_samples, rest)
 
 
 def fused_linear_loss(
@@ -194,8 +199,9 @@ def _fused_mixture(
             tokens.labels, per_token, scale, rows, hiddens, weights, bias, index
         )
     classes, target = torch.unique(tokens.labels, return_inverse=True)
-    logp = engine.column_log_probs(classes, rows, hiddens, weights, bias, index)
-    stats = _class_stats(logp, target, tokens)
+    with_rest = functional.needs_rest(region_part)
+    logp = engine.column_log_probs(classes, rows, hiddens, weights, bias, index, with_rest)
+    stats = _class_stats(logp, target, tokens, with_rest)
     return _mixture_loss(mixture, tokens, stats.label_logp(), stats, num_tokens, num_samples)
 
 
@@ -263,7 +269,14 @@ def _mixture_from_logits(
         label_logp = z.gather(1, tokens.labels[:, None]).squeeze(1) - lse.squeeze(1)
         return _mixture_loss(mixture, tokens, label_logp, None, num_tokens, num_samples)
     classes, target = torch.unique(tokens.labels, return_inverse=True)
-    stats = _class_stats(z.index_select(1, classes) - lse, target, tokens)
+    logp = z.index_select(1, classes) - lse
+    with_rest = functional.needs_rest(mixture)
+    if with_rest and classes.numel() == vocab:
+        logp = torch.cat([logp, torch.full_like(lse, float("-inf"))], dim=1)
+    elif with_rest:
+        rest = torch.logsumexp(z.index_fill(1, classes, float("-inf")), dim=1, keepdim=True)
+        logp = torch.cat([logp, rest - lse], dim=1)
+    stats = _class_stats(logp, target, tokens, with_rest)
     return _mixture_loss(mixture, tokens, stats.label_logp(), stats, num_tokens, num_samples)
 
 

@@ -83,12 +83,15 @@ class ClassStats:
         sample: (n,) long, the sample of each token, renumbered 0..S-1 over the samples
             that have at least one valid token.
         num_samples: S.
+        rest_logp: (n,) log Σ_c p_t(c) over the classes absent from the whole batch, where
+            a loss needs it (`needs_rest`), else None.
     """
 
     logp: Tensor
     target: Tensor
     sample: Tensor
     num_samples: int
+    rest_logp: Tensor | None = None
 
     @cached_property
     def counts(self) -> Tensor:
@@ -101,6 +104,12 @@ class ClassStats:
     def present(self) -> Tensor:
         """(S, k) bool, class c occurs in sample b (c ∈ K_b)."""
         return self.counts > 0
+
+    def absent_soft_counts(self, soft: Tensor) -> Tensor:
+        """(S,) Σ_{c∉K_b} P_bc from the soft counts P (S, k), summed directly: the shorter
+        |M_b| − Σ_{c∈K_b} P_bc cancels to rounding noise once predictions are confident."""
+        outside = soft.new_zeros(self.num_samples).index_add(0, self.sample, self.rest_logp.exp())
+        return outside + torch.where(self.present, 0, soft).sum(1)
 
     def label_logp(self) -> Tensor:
         """(n,) log p_t(y_t)."""
@@ -151,22 +160,25 @@ def generalized_dice(stats: ClassStats, smooth: float, absent_weight: str) -> Te
 
     L_b = 1 − 2 (Σ_c w_bc I_bc + s) / (Σ_c w_bc (P_bc + n_bc) + s), w_bc = 1 / n_bc² for
     present classes. Absent classes have I = n = 0 and share one weight, so their part of
-    the denominator is w_absent · Σ_{c∉K_b} P_bc = w_absent · (|M_b| − Σ_{c∈K_b} P_bc).
+    the denominator is w_absent · Σ_{c∉K_b} P_bc (`ClassStats.absent_soft_counts`).
     """
     soft, overlap = stats.soft_counts()
     counts, present = stats.counts, stats.present
     weight = torch.where(present, 1 / torch.where(present, counts, 1).square(), 0)
-    if absent_weight == "max":
-        w_absent = weight.amax(1)
-    elif absent_weight == "reference":
-        w_absent = torch.full_like(weight[:, 0], REFERENCE_ABSENT_WEIGHT)
-    else:
-        w_absent = torch.zeros_like(weight[:, 0])
-    # Rounding can make the difference slightly negative when nearly all mass is present.
-    absent_mass = (counts.sum(1) - torch.where(present, soft, 0).sum(1)).clamp(min=0)
     numer = (weight * overlap).sum(1) + smooth
-    denom = (weight * (soft + counts)).sum(1) + w_absent * absent_mass + smooth
+    denom = (weight * (soft + counts)).sum(1) + smooth
+    if absent_weight == "max":
+        denom = denom + weight.amax(1) * stats.absent_soft_counts(soft)
+    elif absent_weight == "reference":
+        denom = denom + REFERENCE_ABSENT_WEIGHT * stats.absent_soft_counts(soft)
     return 1 - 2 * numer / denom
+
+
+def needs_rest(mixture: dict[str, dict[str, Any]]) -> bool:
+    """Whether the mixture needs `ClassStats.rest_logp`: generalized dice weighting
+    absent classes."""
+    params = mixture.get("generalized_dice")
+    return params is not None and params["absent_weight"] != "zero"
 
 
 def lovasz_per_class(prob: Tensor, is_fg: Tensor) -> Tensor:
