@@ -1,4 +1,4 @@
-"""A deliberately naive float64 reference of `shared/spec/losses.md`, for the tests.
+"""A deliberately naive float64 reference of `docs/losses.md`, for the tests.
 
 It follows the spec's formulas literally (full softmax, one-hot over the vocabulary,
 a Python loop over classes for Lovász), sharing no code with `qseg.losses`.

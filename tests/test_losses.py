@@ -207,6 +207,23 @@ def test_no_valid_position_gives_zero_and_zero_grads(name):
     assert zero.dtype == torch.float64 and torch.all(logits.grad == 0)
 
 
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+@pytest.mark.parametrize("case", ["focal", {"ce": 0.5, "lovasz": 0.5}], ids=case_id)
+def test_evaluation_under_no_grad_forms_no_gradient(mode, case, monkeypatch):
+    """A trainable head under no_grad or inference_mode (an evaluation loop): the same
+    value, and the token-wise forward forms no gradient (inference_mode crashed on it)."""
+    from qseg.losses import engine
+
+    hidden, weight, bias, labels = make_batch()
+    expected = fused_linear_loss(hidden, weight, labels, case, bias=bias, chunk_size=4)
+    formed = []
+    monkeypatch.setattr(engine._GradientSink, "add", lambda *args: formed.append(args))
+    with mode():
+        loss = fused_linear_loss(hidden, weight, labels, case, bias=bias, chunk_size=4)
+    assert loss.item() == expected.item() and not loss.requires_grad
+    assert not formed
+
+
 def test_an_empty_batch_gives_zero():
     hidden, weight, _, labels = make_batch()
     for b, t in [(0, T), (B, 0)]:
@@ -274,6 +291,15 @@ def test_normalizers_for_gradient_accumulation():
         for s in (slice(0, 1), slice(1, 3))
     ]
     torch.testing.assert_close(halves[0] + halves[1], whole)
+    loss_fn = FusedLinearLoss(mixture)
+    counts = {"num_tokens": n_tokens, "num_samples": n_samples}
+    halves = [loss_fn(hidden[s], weight, labels[s], **counts) for s in (slice(0, 1), slice(1, 3))]
+    torch.testing.assert_close(halves[0] + halves[1], whole)
+
+
+def test_fused_linear_loss_module_refuses_unknown_options_when_built():
+    with pytest.raises(ValueError, match=r"unknown FusedLinearLoss option\(s\) \['chunksize'\]"):
+        FusedLinearLoss("ce", chunksize=64)
 
 
 def test_aliases_resolve_to_canonical_names():

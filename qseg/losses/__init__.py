@@ -3,7 +3,7 @@
     from qseg.losses import fused_linear_loss
     loss = fused_linear_loss(hidden, model.lm_head, labels, {"cross_entropy": 0.6, "lovasz": 0.4})
 
-The contract (math, names, shapes) is `shared/spec/losses.md`; `functional` holds the
+The contract (math, names, shapes) is `docs/losses.md`; `functional` holds the
 math, `engine` the chunked passes over the head, `autotune` the chunk sizing.
 """
 

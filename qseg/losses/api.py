@@ -120,7 +120,9 @@ def fused_linear_loss(
     """A loss mixture from hidden states and the output head, never holding full logits.
 
     Args:
-        hidden: (B, T, d) final hidden states, any float dtype.
+        hidden: (B, T, d) final hidden states, any float dtype. (N, d) with labels (N,)
+            is one sample of N tokens: token-wise losses are the same either way, region
+            losses are per sample, so keep (B, T, d) for them.
         weight: the head: a (V, d) weight tensor, an nn.Linear, a peft LoRA-wrapped
             linear or a bitsandbytes Linear4bit.
         labels: (B, T) integer labels aligned with `hidden` (no shift happens here);
@@ -288,13 +290,39 @@ class FusedLinearLoss(nn.Module):
         >>> loss = loss_fn(hidden, model.lm_head, labels)
     """
 
+    # Options fixed at construction; the normalizers change per step, so forward takes them.
+    OPTIONS = ("bias", "chunk_size", "chunk_memory", "ignore_index")
+
     def __init__(self, losses: str | dict, **options: Any):
         super().__init__()
         self.mixture = normalize_losses(losses)
+        unknown = sorted(set(options) - set(self.OPTIONS))
+        if unknown:
+            raise ValueError(
+                f"unknown FusedLinearLoss option(s) {unknown}; allowed: {list(self.OPTIONS)} "
+                "(num_tokens and num_samples go to forward)"
+            )
         self.options = options
 
-    def forward(self, hidden: Tensor, head: Tensor | nn.Module, labels: Tensor) -> Tensor:
-        return fused_linear_loss(hidden, head, labels, self.mixture, **self.options)
+    def forward(
+        self,
+        hidden: Tensor,
+        head: Tensor | nn.Module,
+        labels: Tensor,
+        *,
+        num_tokens: int | None = None,
+        num_samples: int | None = None,
+    ) -> Tensor:
+        """hidden (B, T, d), head (see `fused_linear_loss`), labels (B, T) -> 0-dim loss."""
+        return fused_linear_loss(
+            hidden,
+            head,
+            labels,
+            self.mixture,
+            num_tokens=num_tokens,
+            num_samples=num_samples,
+            **self.options,
+        )
 
     def extra_repr(self) -> str:
         return f"losses={self.mixture}, options={self.options}"

@@ -390,6 +390,11 @@ def token_loss(
     """scale · Σ_t f(log p_t(y_t)) over the rows `index` of the parts (see
     `TokenLossFunction`); labels (n,) follow `index` (n,), or all rows when it is None."""
     parts = _interleave(hiddens, weights)
+    if not torch.is_grad_enabled():
+        # Under no_grad / inference_mode the forward would still form the gradients its
+        # inputs ask for (and inference_mode forbids it): detached, it forms none.
+        parts = [p.detach() for p in parts]
+        bias = bias.detach() if bias is not None else None
     return TokenLossFunction.apply(labels, per_token_loss, scale, chunk_rows, index, bias, *parts)
 
 

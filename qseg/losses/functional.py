@@ -5,7 +5,7 @@ log-probability of its label; region losses take `ClassStats`, the log-probabili
 of the classes present in the batch. The chunked engine and the full-logits path both
 produce these inputs and share this code, so the two cannot drift apart.
 
-Notation follows `shared/spec/losses.md`: for sample b and class c, n_bc is the label
+Notation follows `docs/losses.md`: for sample b and class c, n_bc is the label
 count, P_bc = Σ_t p_t(c) the soft count and I_bc = Σ_{t: y_t = c} p_t(c) the soft overlap,
 all over the sample's valid tokens.
 """
