@@ -207,7 +207,7 @@ def output_head(model: nn.Module) -> nn.Module:
     """The lm head (V, d) of `model`, through any peft/unsloth wrapping.
 
     It may be a plain `nn.Linear`, a peft LoRA layer (when "lm_head" is a LoRA target) or a
-    bitsandbytes `Linear4bit`.
+    bitsandbytes `Linear4bit`; `qseg.losses.head` lists every kind the losses take.
     """
     head = model.get_output_embeddings()
     if head is None:

@@ -124,7 +124,7 @@ def fused_linear_loss(
             is one sample of N tokens: token-wise losses are the same either way, region
             losses are per sample, so keep (B, T, d) for them.
         weight: the head: a (V, d) weight tensor, an nn.Linear, a peft LoRA-wrapped
-            linear or a bitsandbytes Linear4bit.
+            linear or modules_to_save copy, or a bitsandbytes Linear4bit / Linear8bitLt.
         labels: (B, T) integer labels aligned with `hidden` (no shift happens here);
             `ignore_index` marks positions that take no part.
         losses: a name, {name: weight} or {name: {"weight": w, **params}}.
