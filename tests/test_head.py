@@ -184,6 +184,37 @@ def test_lora_bias_adds_scaled_bias_and_gets_its_gradient(base_bias, case):
     assert_same_loss(head, case, [lora_a.weight, lora_b.weight, lora_b.bias])
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_lora_head_gives_its_float32_upcast(dtype):
+    """Off CUDA half products are formed in float32, the adapter's down-projection too:
+    in fp16 it overflowed (loss NaN) where the float32 upcast is finite."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.lm_head = nn.Linear(D, V, bias=False)
+    config = peft.LoraConfig(target_modules=["lm_head"], r=4, lora_alpha=6, init_lora_weights=False)
+    head = peft.inject_adapter_in_model(config, model).lm_head
+    hidden, labels = make_batch()
+    hidden = (hidden.detach() * 3000).clamp(-6e4, 6e4).to(dtype)
+    half = fused_linear_loss(hidden, head.to(dtype), labels, "cross_entropy", chunk_size=5)
+    upcast = fused_linear_loss(hidden.float(), head.float(), labels, "cross_entropy", chunk_size=5)
+    assert torch.isfinite(upcast)
+    torch.testing.assert_close(half, upcast, rtol=1e-6, atol=0)
+
+
+def test_cpu_autocast_leaves_a_lora_head_in_float32():
+    peft = pytest.importorskip("peft")
+    model = nn.Module()
+    model.lm_head = nn.Linear(D, V)
+    config = peft.LoraConfig(target_modules=["lm_head"], r=4, init_lora_weights=False)
+    head = peft.inject_adapter_in_model(config, model).lm_head
+    hidden, labels = make_batch()
+    expected = fused_linear_loss(hidden, head, labels, CASES[1], chunk_size=5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        actual = fused_linear_loss(hidden, head, labels, CASES[1], chunk_size=5)
+    assert actual.item() == expected.item()
+
+
 # --- peft modules_to_save and trainable_token_indices --------------------------------------
 
 

@@ -268,6 +268,33 @@ def test_generalized_dice_stays_exact_when_predictions_are_confident(
         assert (grad.double() - expected_grad).norm() <= 1e-4 * expected_grad.norm()
 
 
+@pytest.mark.parametrize("absent_weight", ["max", "reference"])
+def test_generalized_dice_with_masked_classes_has_finite_gradients(absent_weight):
+    """Classes outside the batch all at −inf (a masked vocabulary): no rest at all, whose
+    log-sum-exp gradient was NaN; float64 in, so the reference holds to 1e-10."""
+    hidden, weight, bias, labels = make_batch(seed=11)
+    labels = labels.clamp(max=5).where(labels != -100, -100)  # classes 0..5 only,
+    labels[0, 2:8] = torch.arange(6)  # all of them present
+    bias = bias.detach().clone()
+    bias[6:] = float("-inf")
+    case = {"generalized_dice": {"absent_weight": absent_weight}}
+    expected = reference_loss(hidden @ weight.T + bias, labels, normalize_losses(case))
+    (expected_grad,) = grads(expected, hidden)
+    fused = fused_linear_loss(hidden, weight, labels, case, bias=bias, chunk_size=4)
+    torch.testing.assert_close(fused, expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grads(fused, hidden)[0], expected_grad, rtol=1e-8, atol=1e-10)
+    logits = (hidden @ weight.T + bias).detach().requires_grad_()
+    from_logits = loss_from_logits(logits, labels, case)
+    torch.testing.assert_close(from_logits, expected, rtol=1e-10, atol=1e-12)
+    assert torch.isfinite(grads(from_logits, logits)[0]).all()
+
+
+def test_a_float64_bias_makes_the_loss_float64():
+    hidden, weight, bias, labels = make_batch(dtype=torch.float32)
+    loss = fused_linear_loss(hidden, weight, labels, "ce", bias=bias.double(), chunk_size=4)
+    assert loss.dtype == torch.float64
+
+
 def test_custom_ignore_index():
     hidden, weight, _, labels = make_batch()
     relabeled = labels.masked_fill(labels == -100, V + 7)

@@ -8,6 +8,7 @@ obtained differs: chunk by chunk from the head, or from logits the caller alread
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -153,10 +154,13 @@ def fused_linear_loss(
     # states, and their gradient is written straight into the (B·T, d) result.
     h = hidden.reshape(-1, dim)
     index = None if tokens.index.numel() == h.shape[0] else tokens.index
-    hiddens, weights, bias = linear_parts(weight, h, bias)
+    # Off CUDA autocast changes nothing (half products are upcast), LoRA parts included.
+    upcasts = engine.upcasts_half_products(hidden.device)
+    with torch.autocast(hidden.device.type, enabled=False) if upcasts else nullcontext():
+        hiddens, weights, bias = linear_parts(weight, h, bias)
     hiddens, weights = _autocast_parts(hiddens, weights, hidden.device)
     rows = _chunk_rows(chunk_size, chunk_memory, tokens, vocab, dim, weights[0], mixture)
-    dtype = engine.accumulation_dtype(*hiddens, *weights)
+    dtype = engine.accumulation_dtype(*hiddens, *weights, bias)
     bias = bias.to(dtype) if bias is not None else None
     # The engine and the mixture manage their own precision; autocast would recast them.
     with torch.autocast(hidden.device.type, enabled=False):
@@ -273,13 +277,19 @@ def _mixture_from_logits(
     classes, target = torch.unique(tokens.labels, return_inverse=True)
     logp = z.index_select(1, classes) - lse
     with_rest = functional.needs_rest(mixture)
-    if with_rest and classes.numel() == vocab:
-        logp = torch.cat([logp, torch.full_like(lse, float("-inf"))], dim=1)
-    elif with_rest:
-        rest = torch.logsumexp(z.index_fill(1, classes, float("-inf")), dim=1, keepdim=True)
-        logp = torch.cat([logp, rest - lse], dim=1)
+    if with_rest:
+        logp = torch.cat([logp, _rest_logsumexp(z, classes) - lse], dim=1)
     stats = _class_stats(logp, target, tokens, with_rest)
     return _mixture_loss(mixture, tokens, stats.label_logp(), stats, num_tokens, num_samples)
+
+
+def _rest_logsumexp(z: Tensor, classes: Tensor) -> Tensor:
+    """(n, 1) log Σ_{c ∉ classes} exp(z_c); −inf, with a zero gradient, where no such class
+    has a finite logit (logsumexp's gradient over only −inf is NaN)."""
+    rest = z.index_fill(1, classes, float("-inf"))
+    some = rest.amax(1, keepdim=True) > float("-inf")
+    lse = torch.logsumexp(torch.where(some, rest, 0), dim=1, keepdim=True)
+    return torch.where(some, lse, float("-inf"))
 
 
 class FusedLinearLoss(nn.Module):

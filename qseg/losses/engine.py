@@ -340,7 +340,9 @@ class HeadColumnsFunction(torch.autograd.Function):
             if with_rest:
                 rest = logits.index_fill_(1, columns, float("-inf"))
                 logp[rows, k] = logsumexp(rest, dtype) - lse[rows]
-        rest_lse = logp[:, k] + lse if with_rest else None
+        # No rest (every class present, or the others at −inf) makes its lse −inf, and its
+        # term exp(z − lse_rest) NaN where z is −inf too: 0 there keeps the term 0.
+        rest_lse = (logp[:, k] + lse).nan_to_num(neginf=0.0) if with_rest else None
         ctx.chunk_rows = chunk_rows
         ctx.save_for_backward(columns, index, lse, rest_lse, bias, *parts)
         return logp

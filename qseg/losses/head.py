@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from .engine import upcasts_half
+
 if TYPE_CHECKING:
     from bitsandbytes.functional import QuantState
 
@@ -93,8 +95,11 @@ def _module_parts(head: nn.Module, hidden: Tensor) -> Parts:
     hiddens, weights, bias = [hidden], [_dense_weight(base, hidden.dtype)], base.bias
     for name in _lora_adapters(head):
         lora_a, lora_b, scale = head.lora_A[name], head.lora_B[name], head.scaling[name]
-        x = head.lora_dropout[name](hidden.to(lora_a.weight.dtype))
-        hiddens.append(scale * (x @ lora_a.weight.T))
+        down = lora_a.weight
+        if upcasts_half(down):  # as the engine does off CUDA: half products in float32
+            down = down.float()
+        x = head.lora_dropout[name](hidden.to(down.dtype))
+        hiddens.append(scale * (x @ down.T))
         weights.append(lora_b.weight)
         # peft adds lora_B(lora_A(x)) · scale, so lora_bias=True adds scale · lora_B's bias.
         if lora_b.bias is not None:
