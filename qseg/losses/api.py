@@ -8,7 +8,6 @@ obtained differs: chunk by chunk from the head, or from logits the caller alread
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -154,11 +153,7 @@ def fused_linear_loss(
     # states, and their gradient is written straight into the (B·T, d) result.
     h = hidden.reshape(-1, dim)
     index = None if tokens.index.numel() == h.shape[0] else tokens.index
-    # Off CUDA autocast changes nothing (half products are upcast), LoRA parts included.
-    upcasts = engine.upcasts_half_products(hidden.device)
-    with torch.autocast(hidden.device.type, enabled=False) if upcasts else nullcontext():
-        hiddens, weights, bias = linear_parts(weight, h, bias)
-    hiddens, weights = _autocast_parts(hiddens, weights, hidden.device)
+    hiddens, weights, bias = _head_parts(weight, h, bias)
     rows = _chunk_rows(chunk_size, chunk_memory, tokens, vocab, dim, weights[0], mixture)
     dtype = engine.accumulation_dtype(*hiddens, *weights, bias)
     bias = bias.to(dtype) if bias is not None else None
@@ -169,20 +164,24 @@ def fused_linear_loss(
         )
 
 
-def _autocast_parts(
-    hiddens: list[Tensor], weights: list[Tensor], device: torch.device
-) -> tuple[list[Tensor], list[Tensor]]:
-    """Under autocast on CUDA, the head's float32 parts in the autocast dtype, cast once for
-    all chunks: the matmuls then run as `hidden @ W.T` would under that autocast. Elsewhere
-    the engine would upcast half parts again, so float32 parts stay float32."""
+def _head_parts(
+    weight: Tensor | nn.Module, h: Tensor, bias: Tensor | None
+) -> tuple[list[Tensor], list[Tensor], Tensor | None]:
+    """The head's parts (`linear_parts`) in the dtypes the engine multiplies. Under
+    autocast on CUDA, float32 parts are cast to the autocast dtype once for all chunks: the
+    matmuls then run as `hidden @ W.T` would under that autocast. Elsewhere half products
+    are upcast anyway, so autocast is off and float32 parts (LoRA's included) stay float32."""
+    device = h.device
     if not torch.is_autocast_enabled(device.type) or engine.upcasts_half_products(device):
-        return hiddens, weights
+        with torch.autocast(device.type, enabled=False):
+            return linear_parts(weight, h, bias)
+    hiddens, weights, bias = linear_parts(weight, h, bias)
     low = torch.get_autocast_dtype(device.type)
 
     def cast(parts: list[Tensor]) -> list[Tensor]:
         return [p.to(low) if p.dtype == torch.float32 else p for p in parts]
 
-    return cast(hiddens), cast(weights)
+    return cast(hiddens), cast(weights), bias
 
 
 def _fused_mixture(
