@@ -43,6 +43,38 @@ def assert_same_loss(
         torch.testing.assert_close(f, n, **tol)
 
 
+# --- nn.Linear, LoRA, bitsandbytes 4-bit -----------------------------------------------
+
+
+def test_linear_with_bias_and_frozen_weight():
+    head = nn.Linear(D, V)
+    head.weight.requires_grad_(False)
+    assert_same_loss(head, {"focal": 0.5, "dice": 0.5}, [head.bias])
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_lora_head_gradients_reach_the_adapter(case):
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.lm_head = nn.Linear(D, V, bias=False)
+    config = peft.LoraConfig(target_modules=["lm_head"], r=4, lora_alpha=8, init_lora_weights=False)
+    head = peft.inject_adapter_in_model(config, model).lm_head
+    assert not head.base_layer.weight.requires_grad
+    assert_same_loss(head, case, [head.lora_A["default"].weight, head.lora_B["default"].weight])
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_4bit_head_matches_its_dequantized_forward(case):
+    bnb = pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    dense = nn.Linear(D, V)
+    head = bnb.nn.Linear4bit(D, V, compute_dtype=torch.float32, quant_type="nf4")
+    head.load_state_dict(dense.state_dict())
+    head = head.to("cpu")  # quantizes the weight
+    assert_same_loss(head, case, [head.bias])
+
+
 # --- bitsandbytes 4-bit after an eval-mode pass ------------------------------------------
 
 
