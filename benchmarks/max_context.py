@@ -30,10 +30,16 @@ out of memory (None: none did), `peak_mb` the memory the step added at `measured
 (the cap's own longest fitting trial) and `total_peak_mb` the whole process's peak then;
 `vs_naive` and `vs_ce` divide `tokens` by naive's (same mix) and by cross-entropy's.
 
+`--resume FILE` seeds the brackets with an earlier run's rows (same card, model, layers
+and granularity), so a search cut short by `--time-budget` goes on where it stopped: with
+device time scarce, two short calls add up to one long one.
+
 On CPU there is no cap to search: `--device cpu` runs one trial per (mix, impl) at
 `--tokens` and reports its memory and time, so the path is exercised without a GPU.
 
     python -m benchmarks.max_context --device cuda --caps 16 24 --out max_context.json
+    python -m benchmarks.max_context --device cuda --caps 16 24 --resume max_context.json \
+        --out max_context.json --overwrite
     python -m benchmarks.max_context --device cpu --quick
 """
 
@@ -49,6 +55,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -127,6 +134,7 @@ COLUMNS = (
 )
 # How far below the other mixes' predicted limit a search without trials of its own starts.
 PEER_MARGIN = 0.05
+MODEL_TOO_BIG = "the model alone does not fit under the cap"  # a row's note
 # Memory a concurrent trial holds outside its cap (CUDA context, cuBLAS, bitsandbytes).
 TRIAL_OVERHEAD_GB = 1.5
 
@@ -418,6 +426,23 @@ class Searcher:
         else:
             s.error = row.get("error", "no status")
 
+    def resume(self, rows: list[dict[str, Any]]) -> None:
+        """Seed the brackets with the rows of an earlier search (`_search_row`'s), as if
+        their trials had run here; rows of other searches are ignored, failed ones retried."""
+        earlier = {(r.get("model"), r.get("loss"), r.get("impl"), r.get("cap_gb")): r for r in rows}
+        for s in self.searches:
+            row = earlier.get((s.model, s.loss, s.impl, s.cap_gb))
+            if row is None or row.get("error"):
+                continue
+            if row.get("measured_tokens") and row.get("model_mb") is not None:
+                best = {k: row.get(k) for k in ("peak_mb", "total_peak_mb", "ms", "model_mb")}
+                self.record(s, {**best, "status": "ok", "tokens": row["measured_tokens"]})
+            if row.get("oom_tokens") is not None:
+                stage = "build" if row.get("note") == MODEL_TOO_BIG else "step"
+                self.record(s, {"status": "oom", "tokens": row["oom_tokens"], "oom_stage": stage})
+            s.lo = max(s.lo, row["tokens"])  # may come from a smaller cap not searched now
+            s.trials = row["trials"]
+
 
 def search_all(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
     """Run every search; after each trial the rows so far are kept in `args.out`."""
@@ -432,6 +457,8 @@ def search_all(args: argparse.Namespace, device: torch.device) -> list[dict[str,
     searcher = Searcher(
         args.granularity, args.max_tokens, args.start_tokens, searches, args.resolution
     )
+    if args.resume is not None:
+        searcher.resume(earlier_rows(args, device))
     card_gb = torch.cuda.get_device_properties(device).total_memory / GiB
     deadline = time.monotonic() + args.time_budget
     running: dict[Future, Search] = {}
@@ -462,6 +489,24 @@ def search_all(args: argparse.Namespace, device: torch.device) -> list[dict[str,
                     rows = [_search_row(one, searcher, device, args) for one in searches]
                     common.write_json(rows, args.out, quiet=True)
     return [_search_row(s, searcher, device, args) for s in searches]
+
+
+def earlier_rows(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
+    """`--resume`'s rows, refused when they were searched on another card or setup."""
+    rows = json.loads(args.resume.read_text())
+    here = {"device": common.device_name(device), "granularity": args.granularity}
+    for row in rows:
+        if row.get("model") not in args.models or row.get("cap_gb") is None:
+            continue
+        there = {"device": row.get("device"), "granularity": row.get("granularity")}
+        layers = args.layers or MODELS[row["model"]]["num_hidden_layers"]
+        if there != here or row.get("layers") != layers:
+            raise SystemExit(
+                f"--resume {args.resume}: its {row['model']} rows were searched with "
+                f"{there}, {row.get('layers')} layers; this run has {here}, {layers} layers. "
+                "Resume only a search of the same card and setup."
+            )
+    return rows
 
 
 def _trial_case(args, device, model, loss, impl, cap_gb, tokens) -> dict[str, Any]:
@@ -515,10 +560,11 @@ def _search_row(s: Search, searcher: Searcher, device: torch.device, args) -> di
             peak_mb=s.best["peak_mb"],
             total_peak_mb=s.best["total_peak_mb"],
             ms=s.best["ms"],
+            model_mb=s.best["model_mb"],
             measured_tokens=s.best["tokens"],
         )
     if s.model_too_big:
-        row["note"] = "the model alone does not fit under the cap"
+        row["note"] = MODEL_TOO_BIG
     elif s.hi is None and s.lo >= args.max_tokens:
         row["note"] = f"trains at --max-tokens {args.max_tokens}; the limit lies beyond"
     if s.error:
@@ -611,6 +657,9 @@ def main(argv: list[str] | None = None) -> None:
         default=math.inf,
         help="seconds; then no new trials, and brackets are reported",
     )
+    parser.add_argument(
+        "--resume", type=Path, help="an earlier run's JSON: go on from its brackets (CUDA)"
+    )
     parser.add_argument("--trial-timeout", type=float, default=300)
     parser.add_argument("--threads", type=int, default=1, help="CPU threads per trial")
     parser.add_argument("--seed", type=int, default=0)
@@ -625,6 +674,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.tokens is None:
         args.tokens = [64] if args.quick else [512]
     common.check_out_path(args.out, args.overwrite)
+    if args.resume is not None and (device.type != "cuda" or not args.resume.is_file()):
+        raise SystemExit(f"--resume {args.resume}: give the JSON file of an earlier CUDA search")
     rows = run_cpu(args, device) if device.type == "cpu" else search_all(args, device)
     if "unsloth" in args.impls:
         rows += unsloth_rows(args, device)

@@ -5,8 +5,11 @@
 # No trial starts after SEARCH_SECONDS (default 420); the call ends within that plus
 # 140 s (about 9.3 minutes by default).
 #
+# RESUME=FILE goes on from an earlier call's max_context_gpu.json (copied into the working
+# tree, e.g. to benchmarks/results/gpu/, as $OUT starts empty on every call).
+#
 #   usage (repository root, on the GPU machine):
-#     [SEARCH_SECONDS=300] bash scripts/gpu_max_context.sh [CAPS...]
+#     [SEARCH_SECONDS=300] [RESUME=FILE] bash scripts/gpu_max_context.sh [CAPS...]
 set -u
 export PYTHONPATH="$PWD/.gpu-site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
@@ -20,6 +23,6 @@ caps=("${@:-8 12 16 24}")
   # The last trials end within their 100 s timeout.
   timeout --kill-after=10 $((search + 130)) python3 -m benchmarks.max_context --device cuda \
     --models llama3.1-8b --caps ${caps[*]} --jobs 4 --time-budget "$search" --trial-timeout 100 \
-    --out "$out/max_context_gpu.json" --overwrite
+    ${RESUME:+--resume "$RESUME"} --out "$out/max_context_gpu.json" --overwrite
   echo "exit $?"
 } 2>&1 | tee "$out/max_context_gpu.log"

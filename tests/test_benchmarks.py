@@ -7,6 +7,8 @@ that are positive and finite.
 
 from __future__ import annotations
 
+import argparse
+import itertools
 import json
 import math
 import os
@@ -17,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import common
+from benchmarks import common, max_context
 from benchmarks.max_context import Search, Searcher
 
 REPO = Path(__file__).resolve().parents[1]
@@ -170,10 +172,13 @@ def test_parse_mix() -> None:
         common.parse_mix("cross_entropy:lots")
 
 
-def simulate(searcher: Searcher, need_mb) -> None:
-    """Run the searcher to the end against a memory model, one trial at a time."""
+def simulate(searcher: Searcher, need_mb, max_trials: float = math.inf) -> None:
+    """Run the searcher against a memory model, one trial at a time, to the end or for
+    `max_trials` trials."""
     model_mb = 5000.0
-    while True:
+    for trial in itertools.count():
+        if trial >= max_trials:
+            return
         todo = [
             (s, t)
             for s in sorted(searcher.searches, key=lambda s: s.trials)
@@ -239,3 +244,42 @@ def test_other_mixes_guide_a_search_and_save_trials() -> None:
     first = sum(s.trials for s in searches if s.loss == "ce")
     later = sum(s.trials for s in searches if s.loss != "ce")
     assert later < 2 * first, (first, later)
+
+
+@pytest.mark.parametrize("cut_after", [2, 3, 6])
+def test_a_resumed_search_goes_on_where_it_stopped(cut_after: int, tmp_path: Path) -> None:
+    def searcher() -> Searcher:
+        searches = [Search("tiny-llama", loss, "qseg", cap) for loss in needs for cap in (16, 24)]
+        return Searcher(512, 131072, 4096, searches, resolution=0.05)
+
+    needs = {"cross_entropy": 0.0, "lovasz": 300.0}
+    memory = lambda t, s: 0.45 * t + needs[s.loss]  # noqa: E731
+    whole, cut, resumed = searcher(), searcher(), searcher()
+    simulate(whole, memory)
+    simulate(cut, memory, max_trials=cut_after)
+    assert not all(cut.done(s) for s in cut.searches)
+    # Rows as the cut run wrote them, read back as --resume reads them.
+    args = argparse.Namespace(
+        layers=None,
+        granularity=512,
+        resolution=0.05,
+        jobs=1,
+        max_tokens=131072,
+        models=["tiny-llama"],
+    )
+    rows = [max_context._search_row(s, cut, torch.device("cpu"), args) for s in cut.searches]
+    args.resume = tmp_path / "cut.json"
+    args.resume.write_text(json.dumps(rows))
+    resumed.resume(max_context.earlier_rows(args, torch.device("cpu")))
+    seeded = sum(s.trials for s in resumed.searches)
+    assert seeded == cut_after
+    simulate(resumed, memory)
+    for one, other in zip(whole.searches, resumed.searches, strict=True):
+        assert resumed.done(other) and (other.lo, other.hi) == (one.lo, one.hi)
+    # The cut run's trials are not run again (give or take the one a bracket loses).
+    new_trials = sum(s.trials for s in resumed.searches) - seeded
+    assert new_trials <= sum(s.trials for s in whole.searches) - cut_after + 1
+
+    args.granularity = 1024  # another setup's brackets are not taken for this one's
+    with pytest.raises(SystemExit, match="same card and setup"):
+        max_context.earlier_rows(args, torch.device("cpu"))

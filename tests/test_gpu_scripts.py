@@ -21,7 +21,12 @@ from benchmarks import loss_memory
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = ["scripts/gpu_check.sh", "scripts/gpu_max_context.sh"]
 # What the scripts' variables hold when they run.
-SHELL_VALUES = {"$out": "/tmp/out", "${caps[*]}": "8 12 16 24", "$search": "420"}
+SHELL_VALUES = {
+    "$out": "/tmp/out",
+    "${caps[*]}": "8 12 16 24",
+    "$search": "420",
+    '${RESUME:+--resume "$RESUME"}': "--resume /tmp/earlier.json",
+}
 
 
 class Parsed(Exception):
