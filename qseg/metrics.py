@@ -16,12 +16,15 @@ import math
 import re
 from collections.abc import Sequence
 
-# The number right after "####" (after "$", "," and "%" are removed), read whole; a
-# trailing "." is part of it, a letter, "/" or "^" right after it is not allowed, so
-# "1/2" and "2.5kg" are not numbers. (Checked after the match: a lookahead would make the
-# regex back off to a shorter number, "1" of "1/2" or "2" of "2.5kg".)
-_ANSWER_NUMBER = re.compile(r"\s*([-+−]?(?:\d+\.?\d*|\.\d+))")
-_ANSWER_END = re.compile(r"[\w/^]")
+# The answer after "####": a sign and a "$" in either order, a number (thousands commas
+# in groups of three, decimals, a trailing "."), an optional "%"; then the end of the text,
+# a space, or punctuation that ends the text or a word. Anything else ("1/2", "2.5kg",
+# "5-3", "12,34", "5.5.5") is not a number, rather than the first digits of one.
+_ANSWER = re.compile(
+    r"####\s*(?:\$\s*)?(?P<sign>[-+−]?)\s*(?:\$\s*)?"
+    r"(?P<number>(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d*)?|\.\d+)%?"
+    r"(?=\s|$|[.,;:!?)\]]+(?:\s|$))"
+)
 _STEP = re.compile(r"<<(.*?)>>", re.DOTALL)
 _WHITESPACE = re.compile(r"\s+")
 # A standalone capital letter A-E: not part of a word such as "Answer" or "A1".
@@ -47,25 +50,27 @@ STEP_METRICS = (
 )
 MATH_METRICS = ("exact_match", *STEP_METRICS)
 CHOICE_METRICS = ("accuracy",)
+# Exact match forgives float rounding only: 42415751 is not 42415758.
+EXACT_REL_TOL = 1e-9
 # Shares of mistakes: a better model has less of them.
 LOWER_IS_BETTER = ("missing_steps", "extra_steps", "repetitions", "calc_errors")
 
 
 def extract_answer(text: str) -> float | None:
-    """The number after the last ``####`` in ``text``, or None when there is none.
+    """The number after the first ``####`` followed by one, or None when there is none.
 
-    ``$``, ``,`` and ``%`` are ignored and a trailing ``.`` is dropped, so ``#### $1,000.``
-    reads 1000.0; negative (``-`` or ``−``) and decimal numbers are read. Anything else
-    right after ``####`` (a word, a fraction ``1/2``) gives None.
+    The first, as a model that goes on after its answer (a next ``Question: … ####``)
+    has given it by then. ``$``, thousands commas and ``%`` are ignored and a trailing
+    ``.`` is dropped, so ``#### $1,000.`` reads 1000.0; negative (``-`` or ``−``) and
+    decimal numbers are read. A number must end at a space, the end of the text, or
+    punctuation ending a sentence: ``#### 1/2``, ``#### 2.5kg``, ``#### 5-3`` or
+    ``#### 12,34`` hold none.
     """
-    _, sep, tail = text.rpartition("####")
-    if not sep:
+    match = _ANSWER.search(text)
+    if match is None:
         return None
-    tail = re.sub(r"[$,%]", "", tail)
-    match = _ANSWER_NUMBER.match(tail)
-    if match is None or _ANSWER_END.match(tail, match.end()):
-        return None
-    return float(match.group(1).replace("−", "-"))
+    sign = "-" if match["sign"] in ("-", "−") else ""
+    return float(sign + match["number"].replace(",", ""))
 
 
 def extract_steps(text: str) -> list[str]:
@@ -193,7 +198,7 @@ def math_example_metrics(prediction: str, reference: str) -> dict[str, float | N
     exact = (
         predicted_answer is not None
         and reference_answer is not None
-        and math.isclose(predicted_answer, reference_answer, rel_tol=1e-6)
+        and math.isclose(predicted_answer, reference_answer, rel_tol=EXACT_REL_TOL)
     )
     metrics: dict[str, float | None] = {"exact_match": float(exact)}
 
@@ -224,13 +229,13 @@ def math_example_metrics(prediction: str, reference: str) -> dict[str, float | N
 def score_math(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float | None]:
     """Exact match and step metrics of math predictions (GSM8K, MathQA layouts).
 
-    Per example, with A the number after the last ``####`` (:func:`extract_answer`), P the
+    Per example, with A the number after the first ``####`` (:func:`extract_answer`), P the
     set and p the list of predicted steps, L the set of reference steps (``<<…>>`` spans
     with whitespace removed, :func:`extract_steps`):
 
     - ``exact_match``: 1 when both texts have an answer and
-      ``math.isclose(A_pred, A_ref, rel_tol=1e-6)``, else 0 (``#### 1,000`` equals
-      ``#### 1000.0``; a text without ``####`` never matches).
+      ``math.isclose(A_pred, A_ref, rel_tol=1e-9)``, else 0 (``#### 1,000`` equals
+      ``#### 1000.0``, ``#### 1000001`` does not; a text without ``####`` never matches).
     - ``step_precision`` |P∩L|/|P|, ``step_recall`` |P∩L|/|L|, ``step_iou`` |P∩L|/|P∪L|,
       ``step_dice`` 2|P∩L|/(|P|+|L|), ``step_overlap`` |P∩L|/min(|P|,|L|).
     - ``missing_steps`` |L∖P|/|L|: share of reference steps absent from the prediction.

@@ -23,6 +23,7 @@ from qseg.data import (
 )
 from qseg.data.formats import SkipRow, detect_layout, format_row, parse_number, parse_options
 from qseg.data.sources import SAMPLE_DIR
+from qseg.metrics import score_math
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 needs_shared = pytest.mark.skipif(
@@ -117,18 +118,34 @@ def test_mathqa_option_parsing():
     }
     assert parse_options("a ) 1 , b ) 2") == {}
     cases = {"rs . 1,517.25": 1517.25, "57 %": 57.0, "- 5": -5.0, "− 2": -2.0, ".5": 0.5}
+    # Areas, volumes and speeds: "cm 2" is cm², not a second number.
+    cases |= {"288 cm 2": 288.0, "1200 m ^ 2": 1200.0, "7500 m 3": 7500.0, "36 km / hr": 36.0}
     for text, value in cases.items():
         assert parse_number(text) == value, text
-    for text in ["2 / 5", "3 : 2", "8000 , 16000", "4 π", "1 billion km", "none", "288 cm 2"]:
+    for text in ["2 / 5", "3 : 2", "8000 , 16000", "4 π", "1 billion km", "none", "3 x 2", "5 ^ 2"]:
         assert parse_number(text) is None, text
+
+
+def test_mathqa_answers_are_never_in_exponent_form():
+    row = {
+        "Problem": "p",
+        "Rationale": "r",
+        "options": "a ) 0.00001 , b ) 2 , c ) 3 , d ) 4 , e ) 1e16",
+        "correct": "a",
+        "linear_formula": "divide(n0,n1)|",
+    }
+    for correct, answer in (("a", "0.00001"), ("b", "2.0")):
+        example = format_row({**row, "correct": correct}, detect_layout(row))
+        assert example.answer == f"<<divide(n0,n1)>> #### {answer}"
+        assert score_math([example.answer], [example.reference])["exact_match"] == 1.0
 
 
 @needs_shared
 def test_mathqa_drops_non_numeric_answers_and_logs_the_count(caplog):
     with caplog.at_level(logging.INFO, logger="qseg.data"):
         examples = load_examples(str(SHARED / "mathqa"), "validation")
-    assert len(examples) == 4475 - 573
-    assert "dropped 573 rows" in caplog.text and "not a number" in caplog.text
+    assert len(examples) == 4475 - 542
+    assert "dropped 542 rows" in caplog.text and "not a number" in caplog.text
     for example in examples:
         float(example.answer.split(" #### ")[-1])  # every answer ends with a float
 

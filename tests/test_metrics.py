@@ -38,10 +38,15 @@ GSM8K_REFERENCE = (
         ("#### .5", 0.5),
         ("####12", 12.0),
         ("#### 18 dollars\nQuestion: next", 18.0),
-        ("#### 3 #### 4", 4.0),  # the last "####" wins
+        ("#### $-12.", -12.0),
+        ("#### 1,000,000.5)", 1000000.5),
+        ("#### 5 kg", 5.0),
+        ("#### 18\nQuestion: next one\nAnswer: <<2*4=8>> #### 8", 18.0),  # the first wins
+        ("#### 1/2 so #### 4", 4.0),  # the first followed by a number
+        ("#### 3 ####", 3.0),
     ],
 )
-def test_extract_answer_reads_the_number_after_the_last_marker(text, expected):
+def test_extract_answer_reads_the_number_after_the_first_marker(text, expected):
     assert extract_answer(text) == expected
 
 
@@ -49,17 +54,31 @@ def test_extract_answer_reads_the_number_after_the_last_marker(text, expected):
     "text",
     # a number is read whole: not "2" of "2.5kg", "1" of "1.5/2" or "3" of "3.75hours"
     ["18", "no marker here", "#### ", "#### eighteen", "#### 1/2", "#### 2.5kg", "#### 1.5/2",
-     "#### 3.75hours", "#### 3^2"],
+     "#### 3.75hours", "#### 3^2", "#### 5-3", "#### 5*2", "#### 5:30", "#### 5.5.5",
+     "#### 12,34", "#### 1,2,3", "#### 5,00", "#### 1e3"],
 )  # fmt: skip
 def test_extract_answer_is_none_without_a_number_after_the_marker(text):
     assert extract_answer(text) is None
 
 
 def test_exact_match_handles_separators_signs_and_decimals():
-    predictions = ["#### 1,000", "#### $-12.", "#### 0.1", "#### 99", "no answer", "#### 7"]
-    references = ["#### 1000.0", "#### -12", "#### 0.1000000001", "#### 98", "#### 3", "7"]
-    # 0.1000000001 is within rel_tol 1e-6 of 0.1; a reference without "####" never matches.
+    predictions = ["#### 1,000", "#### $-12.", "#### 0.3", "#### 99", "no answer", "#### 7"]
+    references = ["#### 1000.0", "#### -12", "#### 0.30000000000000004", "#### 98", "#### 3", "7"]
+    # float rounding is forgiven; a reference without "####" never matches.
     assert score_math(predictions, references)["exact_match"] == pytest.approx(3 / 6)
+
+
+@pytest.mark.parametrize(
+    ("prediction", "reference"),
+    [
+        ("#### 42415751", "#### 42415758.0"),
+        ("#### 1000001", "#### 1000000"),
+        ("#### 0.33", "#### 0.333"),
+    ],
+)
+def test_exact_match_is_exact_on_large_and_rounded_numbers(prediction, reference):
+    # MathQA's wrong options differ from the right one by 1e-7 of it, or by rounding.
+    assert score_math([prediction], [reference])["exact_match"] == 0.0
 
 
 def test_mathqa_float_answers_match_integer_predictions():

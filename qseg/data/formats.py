@@ -23,6 +23,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 DATASETS = ("gsm8k", "mathqa", "openbookqa", "hellaswag")
@@ -110,6 +111,11 @@ _NUMBER = re.compile(
 )
 # Words next to the number that change its value: "4 π", "sqrt ( 2", "1 billion km", "3 ½ days".
 _SCALED = re.compile(r"π|\bpi\b|√|sqrt|[½¼¾⁄/^]|\b(?:thousand|million|billion|lakh|crore)\b")
+# Units written with an exponent or a slash, which would read as a second number or a
+# fraction: "750 cm 2" (cm²), "1200 m ^ 2", "36 km / hr".
+_UNIT_SUFFIX = re.compile(
+    r"\s*(?:(?:mm|cm|km|m|ft|in|yd)\s*\^?\s*[23]|(?:km|m|miles?)\s*/\s*(?:hr|h|hour|s|sec))\s*$"
+)
 _MINUS_SIGNS = str.maketrans({"−": "-", "–": "-"})
 
 
@@ -131,7 +137,7 @@ def parse_options(options: str) -> dict[str, str]:
 
 def parse_number(text: str) -> float | None:
     """The float an option states, ignoring units around it; None when it is not one number."""
-    match = _NUMBER.fullmatch(text.strip().translate(_MINUS_SIGNS))
+    match = _NUMBER.fullmatch(_UNIT_SUFFIX.sub("", text.strip().translate(_MINUS_SIGNS)))
     if match is None or _SCALED.search(match["before"] + " " + match["after"]):
         return None
     return float(match["sign"] + match["digits"].replace(",", ""))
@@ -151,7 +157,8 @@ def _mathqa(row: dict[str, Any], fmt: str) -> Example:
     value = None if option_text is None else parse_number(option_text)
     if value is None:
         raise SkipRow("the correct option is not a number")
-    answer = " ".join([*steps, f"#### {value}"])
+    # Python's float form, never its exponent form: "1e-05" would not read back as a number.
+    answer = " ".join([*steps, f"#### {Decimal(repr(value)):f}"])
     return Example(f"Question: {problem}\nAnswer: ", answer, answer, "mathqa")
 
 
