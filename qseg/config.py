@@ -113,7 +113,7 @@ class TrainConfig:
     # the evaluation after training
     eval_samples: int = 5
     eval_split: str = "test"
-    eval_max_new_tokens: int = 96
+    eval_max_new_tokens: int | None = None  # None: room for the longest reference answer
     preset: str | None = None
 
     def __post_init__(self) -> None:
@@ -305,9 +305,10 @@ def _validate(cfg: TrainConfig) -> None:
         "lora_r",
         "lora_alpha",
         "save_steps",
-        "eval_max_new_tokens",
     ):
         _check_int(cfg, name, minimum=1)
+    if cfg.eval_max_new_tokens is not None:
+        _check_int(cfg, "eval_max_new_tokens", minimum=1)
     for name in ("warmup_steps", "eval_samples", "seed"):
         _check_int(cfg, name, minimum=0)
     if cfg.max_steps is not None:

@@ -1,5 +1,6 @@
 import argparse
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -9,7 +10,15 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from qseg.data import Example
-from qseg.eval import add_eval_arguments, evaluate, format_table, generate, run_eval
+from qseg.eval import (
+    ANSWER_ROOM,
+    add_eval_arguments,
+    answer_budget,
+    evaluate,
+    format_table,
+    generate,
+    run_eval,
+)
 from qseg.metrics import MATH_METRICS
 
 SHARED_DATA = Path(__file__).parents[2] / "shared" / "data"
@@ -141,6 +150,21 @@ def test_evaluate_scores_the_generated_text(tokenizer):
     assert [r["metrics"]["exact_match"] for r in report["examples"]] == [1.0, 0.0, 0.0]
     assert report["summary"]["exact_match"] == pytest.approx(1 / 3)
     assert report["examples"][0]["metrics"]["step_iou"] == 1.0
+
+
+def test_default_budget_leaves_room_for_the_longest_reference_answer(tokenizer):
+    """A model that writes the longest reference, with a few words more, is not cut off."""
+    examples = gsm8k_examples(3)
+    longest = max(examples, key=lambda e: len(e.answer)).answer
+    lengths = [len(tokenizer(e.answer, add_special_tokens=False)["input_ids"]) for e in examples]
+    assert answer_budget(examples, tokenizer) == math.ceil(ANSWER_ROOM * (max(lengths) + 1))
+    wordy = longest.replace("#### ", "So: #### ")
+    eos = tokenizer.eos_token_id
+    scripted = ScriptedModel(tokenizer(wordy, add_special_tokens=False)["input_ids"] + [eos])
+    report = evaluate(scripted, tokenizer, examples, batch_size=3)
+    assert report["max_new_tokens"] == answer_budget(examples, tokenizer)
+    assert [r["prediction"] for r in report["examples"]] == [wordy] * 3
+    assert report["summary"]["exact_match"] == pytest.approx(1 / 3)
 
 
 def test_evaluate_uses_accuracy_for_choice_datasets(tokenizer):

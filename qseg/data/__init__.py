@@ -13,6 +13,7 @@ from qseg.data.sources import HUB_IDS, SAMPLE, load_examples
 from qseg.data.tokenize import (
     IGNORE_INDEX,
     DataCollator,
+    answer_length,
     build_dataset,
     encode_prompt,
     tokenize_example,
@@ -25,6 +26,7 @@ __all__ = [
     "SAMPLE",
     "DataCollator",
     "Example",
+    "answer_length",
     "build_dataset",
     "encode_prompt",
     "format_prompt",

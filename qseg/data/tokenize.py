@@ -42,16 +42,21 @@ def _ids(tokenizer: Any, text: str) -> list[int]:
 
 
 def encode_prompt(example: Example, tokenizer: Any, max_length: int | None = None) -> list[int]:
-    """Prompt ids as training sees them: BOS (if used) + prompt, cut from the left to fit.
+    """Prompt ids: BOS (if used) + prompt, cut from the left to ``max_length`` if given.
 
-    Evaluation should generate from these ids (with ``max_length`` leaving room for the
-    answer) so that the model reads exactly what it was trained on.
+    Training cuts prompts to leave room for the answer; evaluation passes no
+    ``max_length``: the model reads the whole question.
     """
     bos, prompt = _bos(tokenizer), _ids(tokenizer, format_prompt(example))
     if max_length is not None:
         keep = max(max_length - len(bos), 0)
         prompt = prompt[-keep:] if keep else []
     return bos + prompt
+
+
+def answer_length(example: Example, tokenizer: Any) -> int:
+    """Tokens of the answer the model is trained to write, its EOS included."""
+    return len(_ids(tokenizer, example.answer)) + 1
 
 
 def tokenize_example(
