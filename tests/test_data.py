@@ -284,6 +284,29 @@ def test_hub_dataset_names_go_through_datasets(monkeypatch):
     assert calls == [("openai/gsm8k", "main", "validation")]
 
 
+def test_hub_datasets_with_a_loading_script_are_read_from_their_parquet_branch(monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    calls = []
+    row = {
+        "Problem": "p",
+        "Rationale": "r",
+        "options": "a ) 1 , b ) 2 , c ) 3 , d ) 4 , e ) 5",
+        "correct": "b",
+        "linear_formula": "add(n0,n1)|",
+    }
+
+    def scripts_refused(path, name=None, split=None, revision=None):
+        calls.append((path, revision))
+        if revision is None:  # what datasets >= 4 raises for a dataset with a script
+            raise RuntimeError("Dataset scripts are no longer supported, but found math_qa.py")
+        return [row]
+
+    monkeypatch.setattr(datasets, "load_dataset", scripts_refused)
+    [example] = load_examples("mathqa", "test")
+    assert example.answer == "<<add(n0,n1)>> #### 2.0"
+    assert calls == [("allenai/math_qa", None), ("allenai/math_qa", "refs/convert/parquet")]
+
+
 def test_unreachable_hub_says_to_pass_a_local_source(monkeypatch):
     datasets = pytest.importorskip("datasets")
     calls = []

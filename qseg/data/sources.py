@@ -33,6 +33,7 @@ HUB_IDS: dict[str, tuple[str, str | None]] = {
     "openbookqa": ("allenai/openbookqa", "additional"),
     "hellaswag": ("Rowan/hellaswag", None),
 }
+PARQUET_BRANCH = "refs/convert/parquet"
 SAMPLE = "gsm8k-sample"
 SAMPLE_DIR = Path(__file__).parent / "samples" / "gsm8k"
 FILE_TYPES = (".jsonl", ".json", ".parquet")
@@ -111,7 +112,14 @@ def _hub_rows(hub_id: str, config: str | None, split: str) -> Iterator[dict[str,
     except ImportError as err:
         raise ValueError(f"loading '{hub_id}' from the hub needs `datasets`; {hint}") from err
     try:
-        rows = datasets.load_dataset(hub_id, config, split=split)
+        try:
+            rows = datasets.load_dataset(hub_id, config, split=split)
+        except RuntimeError as err:
+            if "scripts are no longer supported" not in str(err):
+                raise
+            # datasets >= 4 runs no loading scripts (allenai/math_qa, Rowan/hellaswag have
+            # them); the hub keeps a parquet conversion of such datasets on this branch.
+            rows = datasets.load_dataset(hub_id, config, split=split, revision=PARQUET_BRANCH)
     except Exception as err:  # offline, unknown id, unknown split: all end the same way
         raise ValueError(
             f"could not load hub dataset '{hub_id}' (config {config}, split {split}): the hub "
