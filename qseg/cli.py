@@ -15,14 +15,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from accelerate import PartialState
-
 from qseg import __version__
 from qseg.compare import add_compare_arguments, run_compare
 from qseg.config import BACKENDS, CE_SCOPES, FORMATS, PRESETS, QUANTIZATIONS, resolve_config
 from qseg.eval import add_eval_arguments, format_table, run_eval
 from qseg.losses import available_losses
-from qseg.train import train
 
 SUBCOMMANDS = ("train", "eval", "compare")
 
@@ -128,6 +125,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     """`qseg train`: resolve the config, train, print where the results are."""
+    # Imported here: transformers' Trainer, peft and bitsandbytes take seconds to import,
+    # which `qseg --help` and `qseg compare` should not wait for.
+    from accelerate import PartialState
+
+    from qseg.train import train
+
     flags = {k: v for k, v in vars(args).items() if k not in ("command", "run", "config_file")}
     cfg = resolve_config(flags, args.config_file)
     record = train(cfg)
