@@ -29,7 +29,7 @@ def captured_config(monkeypatch) -> list[TrainConfig]:
             "peak_memory_bytes": 1, "peak_memory_kind": "cpu_peak_rss", "eval": None,
         }  # fmt: skip
 
-    monkeypatch.setattr(qseg.cli, "train", fake_train)
+    monkeypatch.setattr(qseg.train, "train", fake_train)  # run_train imports it when called
     return configs
 
 
