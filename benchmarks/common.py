@@ -213,18 +213,29 @@ def run_isolated(module: str, case: dict[str, Any], timeout: float) -> dict[str,
     """
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    # A few small kernels to compile: concurrent workers should not each start a pool of
+    # compiler processes as large as the machine.
+    env.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
     command = [sys.executable, "-m", module, "--case", json.dumps(case)]
     try:
         done = subprocess.run(
             command, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO_ROOT
         )
-    except subprocess.TimeoutExpired:
-        return error_row(case, f"timed out after {timeout:.0f} s")
-    for line in reversed(done.stdout.splitlines()):
-        if line.startswith(ROW_MARKER):
+        stdout, stderr = done.stdout, done.stderr
+    except subprocess.TimeoutExpired as expired:
+        stdout, stderr, done = _text(expired.stdout), _text(expired.stderr), None
+    for line in reversed(stdout.splitlines()):
+        if line.startswith(ROW_MARKER):  # also when it was slow to exit after its row
             return json.loads(line[len(ROW_MARKER) :])
-    tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+    if done is None:
+        return {**error_row(case, f"timed out after {timeout:.0f} s"), "status": "timeout"}
+    tail = (stderr.strip().splitlines() or ["no output"])[-1]
     return error_row(case, f"worker exited with {done.returncode}: {tail}")
+
+
+def _text(output: str | bytes | None) -> str:
+    """A timed-out run's captured output (bytes on some Pythons even with text=True)."""
+    return output.decode(errors="replace") if isinstance(output, bytes) else output or ""
 
 
 def emit_row(row: dict[str, Any]) -> None:

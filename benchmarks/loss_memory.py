@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -239,7 +240,12 @@ def run_all(
         elif isolate:
             row = common.run_isolated("benchmarks.loss_memory", case, timeout)
         else:
-            row = run_case(case)
+            try:
+                row = run_case(case)
+            except Exception as error:  # noqa: BLE001 - one failing impl must not cost the rest
+                traceback.print_exc()
+                row = common.error_row(case, f"{type(error).__name__}: {error}")
+                row["device"] = common.device_name(device)
             torch.cuda.empty_cache()
         rows.append(row)
         print(_progress(row), flush=True)

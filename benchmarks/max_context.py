@@ -26,9 +26,13 @@ caps fit on it together. `unsloth` (if asked for) gives a skipped row: it builds
 from pretrained checkpoints only.
 
 Rows: `tokens` is the longest length that trained, `oom_tokens` the shortest that ran
-out of memory (None: none did), `peak_mb` the memory the step added at `measured_tokens`
-(the cap's own longest fitting trial) and `total_peak_mb` the whole process's peak then;
-`vs_naive` and `vs_ce` divide `tokens` by naive's (same mix) and by cross-entropy's.
+out of memory (None: none did), `timeout_tokens` the shortest whose trial ran past
+`--trial-timeout` (it bounds the search too, and the row is then not `converged`),
+`peak_mb` the memory the step added at `measured_tokens` (the cap's own longest fitting
+trial) and `total_peak_mb` the whole process's peak then; `vs_naive` and `vs_ce` divide
+`tokens` by naive's (same mix) and by cross-entropy's. `ms` is that one step's wall time,
+first-call warm-up (torch.compile, cuBLAS) and concurrent trials on the card included:
+a sign of cost, not a speed comparison (`benchmarks.loss_memory` compares speed).
 
 `--resume FILE` seeds the brackets with an earlier run's rows (same card, model, layers
 and granularity), so a search cut short by `--time-budget` goes on where it stopped: with
@@ -236,13 +240,16 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, case: dict, l
 
     mix = common.parse_mix(case["loss"])
     optimizer.zero_grad(set_to_none=True)
-    # bf16 mixed precision, as `qseg train` runs on a GPU (the Trainer's autocast).
+    # As `qseg train` runs on a GPU: the model under bf16 autocast, the loss outside it.
     with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=ids.is_cuda):
         if case["impl"] == "naive":
-            loss = loss_from_logits(model(input_ids=ids, use_cache=False).logits, labels, mix)
+            outputs = model(input_ids=ids, use_cache=False).logits
         else:
-            hidden = backbone_hidden_states(model, ids)
-            loss = FusedLinearLoss(mix, chunk_size="auto")(hidden, output_head(model), labels)
+            outputs = backbone_hidden_states(model, ids)
+    if case["impl"] == "naive":
+        loss = loss_from_logits(outputs, labels, mix)
+    else:
+        loss = FusedLinearLoss(mix, chunk_size="auto")(outputs, output_head(model), labels)
     loss.backward()
     optimizer.step()
 
@@ -324,6 +331,7 @@ class Search:
     misses: int = 0  # this search's own trials that ran out of memory
     busy: bool = False
     model_too_big: bool = False  # the 4-bit model alone ran out of memory under the cap
+    slow: int | None = None  # the shortest length whose trial ran past --trial-timeout
     error: str | None = None
 
     @property
@@ -357,7 +365,14 @@ class Searcher:
         return s.error is not None or self._hi(s) - s.lo <= self.step(s)
 
     def _hi(self, s: Search) -> int:
-        return s.hi if s.hi is not None else self.max_tokens + self.granularity
+        # A trial too slow to finish bounds the search too: not a memory limit, but
+        # nothing longer can be measured within the timeout either.
+        bounds = (s.hi, s.slow, self.max_tokens + self.granularity)
+        return min(bound for bound in bounds if bound is not None)
+
+    def converged(self, s: Search) -> bool:
+        """Done, and bracketed by an out-of-memory trial (or --max-tokens), not a timeout."""
+        return self.done(s) and s.error is None and (s.slow is None or self._hi(s) < s.slow)
 
     def probe(self, s: Search) -> int | None:
         """The next length to try for `s`, or None when it must wait or is done."""
@@ -423,6 +438,8 @@ class Searcher:
                     bound = self.granularity if too_big else tokens
                     other.hi = bound if other.hi is None else min(other.hi, bound)
                     other.model_too_big = other.model_too_big or too_big
+        elif row.get("status") == "timeout":
+            s.slow = tokens if s.slow is None else min(s.slow, tokens)
         else:
             s.error = row.get("error", "no status")
 
@@ -528,7 +545,8 @@ def _progress(s: Search, row: dict[str, Any]) -> str:
     status = row.get("status") or row.get("error")
     if status == "ok":
         status = f"ok, {row['total_peak_mb']:.0f} MiB peak, {row['ms']:.0f} ms"
-    return f"{what}: {status}  -> [{s.lo}, {s.hi if s.hi is not None else '?'})"
+    top = min((bound for bound in (s.hi, s.slow) if bound is not None), default=None)
+    return f"{what}: {status}  -> [{s.lo}, {top if top is not None else '?'})"
 
 
 def _search_row(s: Search, searcher: Searcher, device: torch.device, args) -> dict[str, Any]:
@@ -546,7 +564,8 @@ def _search_row(s: Search, searcher: Searcher, device: torch.device, args) -> di
         full_layers=spec["num_hidden_layers"],
         cap_gb=s.cap_gb,
         oom_tokens=s.hi,
-        converged=searcher.done(s) and s.error is None,
+        timeout_tokens=s.slow,
+        converged=searcher.converged(s),
         trials=s.trials,
         granularity=args.granularity,
         resolution=args.resolution,
@@ -565,6 +584,11 @@ def _search_row(s: Search, searcher: Searcher, device: torch.device, args) -> di
         )
     if s.model_too_big:
         row["note"] = MODEL_TOO_BIG
+    elif s.slow is not None and not searcher.converged(s):
+        row["note"] = (
+            f"the trial at {s.slow} tokens ran past --trial-timeout; the memory limit may "
+            "lie beyond what was measured"
+        )
     elif s.hi is None and s.lo >= args.max_tokens:
         row["note"] = f"trains at --max-tokens {args.max_tokens}; the limit lies beyond"
     if s.error:

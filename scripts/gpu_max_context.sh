@@ -5,8 +5,9 @@
 # No trial starts after SEARCH_SECONDS (default 420); the call ends within that plus
 # 140 s (about 9.3 minutes by default).
 #
-# RESUME=FILE goes on from an earlier call's max_context_gpu.json (copied into the working
-# tree, e.g. to benchmarks/results/gpu/, as $OUT starts empty on every call).
+# It goes on from the searches in $out/max_context_gpu.json when that file is there (run
+# after gpu_check.sh in the same call), or from RESUME=FILE: an earlier call's file copied
+# into the working tree (e.g. to benchmarks/results/gpu/, as $OUT starts empty each call).
 #
 #   usage (repository root, on the GPU machine):
 #     [SEARCH_SECONDS=300] [RESUME=FILE] bash scripts/gpu_max_context.sh [CAPS...]
@@ -16,6 +17,9 @@ export PYTHONUNBUFFERED=1
 out=${OUT:-benchmarks/results/gpu}
 mkdir -p "$out"
 caps=("${@:-8 12 16 24}")
+if [ -z "${RESUME:-}" ] && [ -f "$out/max_context_gpu.json" ]; then
+  RESUME="$out/max_context_gpu.json"
+fi
 {
   date -u +"%Y-%m-%d %H:%M UTC"
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true

@@ -172,9 +172,11 @@ def test_parse_mix() -> None:
         common.parse_mix("cross_entropy:lots")
 
 
-def simulate(searcher: Searcher, need_mb, max_trials: float = math.inf) -> None:
+def simulate(
+    searcher: Searcher, need_mb, max_trials: float = math.inf, slow_from: float = math.inf
+) -> None:
     """Run the searcher against a memory model, one trial at a time, to the end or for
-    `max_trials` trials."""
+    `max_trials` trials; trials from `slow_from` tokens on time out."""
     model_mb = 5000.0
     for trial in itertools.count():
         if trial >= max_trials:
@@ -192,7 +194,7 @@ def simulate(searcher: Searcher, need_mb, max_trials: float = math.inf) -> None:
         fits = peak <= s.cap_gb * 1024
         row = {
             "tokens": tokens,
-            "status": "ok" if fits else "oom",
+            "status": "timeout" if tokens >= slow_from else "ok" if fits else "oom",
             "model_mb": model_mb,
             "total_peak_mb": peak,
             "peak_mb": peak - model_mb,
@@ -283,3 +285,29 @@ def test_a_resumed_search_goes_on_where_it_stopped(cut_after: int, tmp_path: Pat
     args.granularity = 1024  # another setup's brackets are not taken for this one's
     with pytest.raises(SystemExit, match="same card and setup"):
         max_context.earlier_rows(args, torch.device("cpu"))
+
+
+def test_a_trial_past_its_timeout_bounds_the_search_without_ending_it() -> None:
+    searches = [Search("m", "ce", "qseg", cap) for cap in (16, 24)]
+    searcher = Searcher(512, 131072, 4096, searches, resolution=0.05)
+    simulate(searcher, lambda t, s: 0.4 * t, slow_from=20000)  # 16 GB fits ~28k: too slow
+    for s in searches:
+        assert searcher.done(s) and s.error is None and s.lo < 20000 <= s.slow
+        assert not searcher.converged(s)  # a time limit, not the memory limit
+    assert searches[0].lo >= 20000 * 0.95 - 512  # the search went on below the timeout
+
+
+def test_an_isolated_worker_that_printed_its_row_before_a_timeout_counts(tmp_path, monkeypatch):
+    worker = """
+import sys, time
+from benchmarks import common
+if sys.argv[-1] == '{"row": true}':
+    common.emit_row({"impl": "qseg", "peak_mb": 1.0, "ms": 2.0})
+time.sleep(60)  # e.g. compiler workers slow to shut down
+"""
+    (tmp_path / "slow_worker.py").write_text(worker)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    row = common.run_isolated("slow_worker", {"row": True}, timeout=5)
+    assert row == {"impl": "qseg", "peak_mb": 1.0, "ms": 2.0}
+    row = common.run_isolated("slow_worker", {"impl": "naive"}, timeout=5)
+    assert row["status"] == "timeout" and "timed out after 5 s" in row["error"]

@@ -2,6 +2,7 @@
 
 import math
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -408,6 +409,31 @@ def test_reusing_a_token_wise_graph_after_its_gradients_changed_is_a_clear_error
     torch.testing.assert_close(weight.grad, 2 * once)
     with pytest.raises(RuntimeError, match="compute the loss again for each backward"):
         loss.backward()
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["train", "no_grad"])
+@pytest.mark.parametrize("case", ["focal", "lovasz", "generalized_dice"])
+def test_one_chunk_of_logits_is_alive_at_a_time(case, grad, monkeypatch):
+    """Each (chunk, V) buffer is freed before the next one is made, in the forward and in
+    the backward: the chunk memory the tuner plans for is one buffer, not two."""
+    from qseg.losses import engine
+
+    make, alive_before = engine.chunk_logits, []
+
+    def tracked(*args):
+        alive_before.append(sum(ref() is not None for ref in buffers))
+        logits = make(*args)
+        buffers.append(weakref.ref(logits))
+        return logits
+
+    buffers: list = []
+    monkeypatch.setattr(engine, "chunk_logits", tracked)
+    hidden, weight, _, labels = make_batch(dtype=torch.float32)
+    with torch.set_grad_enabled(grad):
+        loss = fused_linear_loss(hidden, weight, labels, case, chunk_size=4)
+        if grad:
+            loss.backward()
+    assert len(alive_before) >= 3 and max(alive_before) == 0, alive_before
 
 
 def test_plan_never_breaks_its_budget():

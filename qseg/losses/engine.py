@@ -174,6 +174,8 @@ def _kernel(eager: Callable, device: torch.device) -> Callable:
         # eager retry below still sees its inputs untouched.
         try:
             return compiled(*args)
+        except torch.OutOfMemoryError:
+            raise  # the eager kernel would need the memory too
         except Exception as error:  # noqa: BLE001 - any compiler failure means: run eager
             _compile_failed = True
             warnings.warn(
@@ -277,17 +279,18 @@ class TokenLossFunction(torch.autograd.Function):
             logp = logits.gather(1, target).squeeze(1).to(dtype) - lse
             if not wants_grad:
                 total += per_token_loss(logp).sum()
-                continue
-            with torch.enable_grad():
-                logp = logp.detach().requires_grad_()
-                loss = per_token_loss(logp).sum()
-                (g,) = torch.autograd.grad(loss, logp)
-                g = g * scale
-            total += loss.detach()
-            # d f / d z = g · (onehot(y) − p), written over the logits
-            scaled_softmax_(logits, lse, -g)
-            logits.scatter_add_(1, target, g[:, None].to(logits.dtype))
-            sink.add(logits, chunk, picked)
+            else:
+                with torch.enable_grad():
+                    logp = logp.detach().requires_grad_()
+                    loss = per_token_loss(logp).sum()
+                    (g,) = torch.autograd.grad(loss, logp)
+                    g = g * scale
+                total += loss.detach()
+                # d f / d z = g · (onehot(y) − p), written over the logits
+                scaled_softmax_(logits, lse, -g)
+                logits.scatter_add_(1, target, g[:, None].to(logits.dtype))
+                sink.add(logits, chunk, picked)
+            del logits  # else it holds this chunk's buffer while the next one is made
         ctx.save_for_backward(*(g for g in sink.grads() if g is not None))
         ctx.present = [g is not None for g in sink.grads()]
         return total * scale
@@ -337,9 +340,10 @@ class HeadColumnsFunction(torch.autograd.Function):
             logits = chunk_logits(_take(hiddens, picked), weights, bias, dtype)
             lse[rows] = logsumexp(logits, dtype)
             logp[rows, :k] = logits.index_select(1, columns).to(dtype) - lse[rows, None]
-            if with_rest:
-                rest = logits.index_fill_(1, columns, float("-inf"))
-                logp[rows, k] = logsumexp(rest, dtype) - lse[rows]
+            if with_rest:  # the columns masked in place: the rest's own log-sum-exp
+                logits.index_fill_(1, columns, float("-inf"))
+                logp[rows, k] = logsumexp(logits, dtype) - lse[rows]
+            del logits  # else it holds this chunk's buffer while the next one is made
         # No rest (every class present, or the others at −inf) makes its lse −inf, and its
         # term exp(z − lse_rest) NaN where z is −inf too: 0 there keeps the term 0.
         rest_lse = (logp[:, k] + lse).nan_to_num(neginf=0.0) if with_rest else None
@@ -376,6 +380,7 @@ class HeadColumnsFunction(torch.autograd.Function):
                 columns_grad = g[:, :k] + p * scale[:, None]
                 logits.index_copy_(1, columns, columns_grad.to(logits.dtype))
             sink.add(logits, chunk, picked)
+            del logits  # else it holds this chunk's buffer while the next one is made
         return None, None, None, None, *sink.grads()
 
 
