@@ -239,6 +239,7 @@ def run_all(
             row["device"] = common.device_name(device)
         elif isolate:
             row = common.run_isolated("benchmarks.loss_memory", case, timeout)
+            row["device"] = common.device_name(device)  # error rows copy the case's "cuda"
         else:
             try:
                 row = run_case(case)
