@@ -15,14 +15,11 @@ import functools
 import importlib.metadata
 import json
 import logging
-import re
 import resource
-import shutil
 import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -49,12 +46,12 @@ from qseg.models import (
     load_model,
     output_head,
 )
+from qseg.run_dir import check_output_dir, clear_run, record_run_files
 
 log = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
 EVAL_FILE = "eval.json"
-RUNS_ROOT = Path("runs")
 GiB = 1 << 30
 
 
@@ -91,9 +88,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     if state.is_main_process:
         if output_dir.exists() and not cfg.resume:
-            shutil.rmtree(output_dir)  # check_output_dir allowed it: a previous run, --overwrite
+            clear_run(output_dir)  # check_output_dir allowed it: a previous run, --overwrite
         output_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(output_dir / CONFIG_FILE)
+        record_run_files(output_dir)
     state.wait_for_everyone()
 
     monitor = StepMonitor()
@@ -103,7 +101,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         train_dataset=features,
         data_collator=DataCollator(loaded.tokenizer.pad_token_id),
         processing_class=loaded.tokenizer,
-        callbacks=[monitor],
+        callbacks=[monitor, RecordRunFiles(output_dir)],
         loss_spec=cfg.loss,
         ce_scope=cfg.ce_scope,
         chunk_size=cfg.chunk_size,
@@ -138,6 +136,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             (output_dir / EVAL_FILE).write_text(
                 json.dumps(evaluation, indent=2, ensure_ascii=False) + "\n"
             )
+        record_run_files(output_dir)
     return record
 
 
@@ -422,6 +421,18 @@ class StepMonitor(TrainerCallback):
         logs["peak_memory_gb"] = round(peak_memory_bytes() / GiB, 3)
 
 
+class RecordRunFiles(TrainerCallback):
+    """Lists the run's files after each checkpoint (see `qseg.run_dir`), so that even an
+    interrupted run can be replaced with --overwrite."""
+
+    def __init__(self, output_dir: Path) -> None:
+        self.output_dir = output_dir
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            record_run_files(self.output_dir)
+
+
 class ProgressBar(ProgressCallback):
     """Trainer's tqdm bar, with the step logs (loss, tokens/s, memory) in its postfix."""
 
@@ -509,53 +520,6 @@ def library_versions() -> dict[str, str]:
 # ------------------------------------------------------------------ inputs and outputs
 
 
-def check_output_dir(cfg: TrainConfig) -> Path:
-    """The run's output dir, after checking that writing there loses nothing.
-
-    Allowed: a new or empty folder; a folder holding a previous run and nothing else, with
-    `overwrite` (replaced when training starts); a folder with checkpoints, with `resume`.
-    """
-    if cfg.output_dir is None:
-        if cfg.resume:
-            raise ValueError("--resume needs --output-dir: the folder of the run to continue")
-        return fresh_run_dir(RUNS_ROOT)
-    output_dir = Path(cfg.output_dir)
-    if cfg.resume:
-        checkpoint = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
-        if checkpoint is None:
-            raise ValueError(
-                f"--resume: {output_dir} holds no checkpoint-N folder to continue from; "
-                "train into it without --resume first"
-            )
-        state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
-        if cfg.max_steps is not None and state["global_step"] >= cfg.max_steps:
-            raise ValueError(
-                f"--resume: {output_dir} has already trained {state['global_step']} steps and "
-                f"max_steps is {cfg.max_steps}; pass a larger --max-steps to train on"
-            )
-        return output_dir
-    if output_dir.exists() and not output_dir.is_dir():
-        raise ValueError(f"output dir {output_dir} is a file; choose a folder")
-    entries = sorted(output_dir.iterdir()) if output_dir.is_dir() else []
-    if not entries:
-        return output_dir
-    foreign = [entry.name for entry in entries if not written_by_a_run(entry)]
-    # With nothing foreign, a run is there if its config, its record or a checkpoint is.
-    holds_run = any(entry.name in (CONFIG_FILE, RUN_FILE) or entry.is_dir() for entry in entries)
-    if foreign or not holds_run:
-        held = f" (it holds {', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''})"
-        raise ValueError(
-            f"output dir {output_dir} is not empty and does not hold a qseg run alone"
-            f"{held if foreign else ''}; choose a new or empty --output-dir"
-        )
-    if not cfg.overwrite:
-        raise ValueError(
-            f"output dir {output_dir} holds another run; pass --overwrite to replace it, "
-            "--resume to continue it, or choose another --output-dir"
-        )
-    return output_dir
-
-
 def agreed_output_dir(cfg: TrainConfig, state: PartialState) -> Path:
     """`check_output_dir` in every process, before any of them writes; then the main
     process's choice for all (a default runs/<time> name may differ by a second)."""
@@ -566,44 +530,6 @@ def agreed_output_dir(cfg: TrainConfig, state: PartialState) -> Path:
         output_dir = chosen[0]
         state.wait_for_everyone()
     return output_dir
-
-
-def written_by_a_run(entry: Path) -> bool:
-    """Whether a run writes `entry` at the top of its folder: qseg's files, peft's adapter
-    and card, the tokenizer's files, the Trainer's checkpoints. `--overwrite` deletes a
-    folder only when it holds nothing else."""
-    if entry.is_dir():
-        return _CHECKPOINT.fullmatch(entry.name) is not None
-    return entry.name in _RUN_FILES or entry.name.startswith("tokenizer")
-
-
-_CHECKPOINT = re.compile(r"checkpoint-\d+")
-_RUN_FILES = {
-    CONFIG_FILE,
-    RUN_FILE,
-    EVAL_FILE,
-    "README.md",
-    "adapter_config.json",
-    "adapter_model.safetensors",
-    "adapter_model.bin",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
-    "vocab.json",
-    "vocab.txt",
-    "merges.txt",
-}
-
-
-def fresh_run_dir(root: Path) -> Path:
-    """runs/<YYYYmmdd-HHMMSS>, with a -2, -3, ... suffix when that name is taken."""
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    candidate, n = root / stamp, 1
-    while candidate.exists():
-        n += 1
-        candidate = root / f"{stamp}-{n}"
-    return candidate
 
 
 def _held_out_examples(cfg: TrainConfig) -> list[Example]:

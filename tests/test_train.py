@@ -31,10 +31,10 @@ from qseg.config import TrainConfig, parse_loss_arg, resolve_config
 from qseg.data import IGNORE_INDEX, DataCollator, build_dataset, load_examples
 from qseg.losses import loss_from_logits
 from qseg.models import LoraSettings, backbone_hidden_states, load_model
+from qseg.run_dir import check_output_dir, foreign_files
 from qseg.train import (
     LossTrainer,
     TargetCounts,
-    check_output_dir,
     hidden_states,
     one_gpu_per_process,
     train,
@@ -305,6 +305,7 @@ def test_resume_continues_from_the_last_checkpoint(tiny_run, tmp_path):
 
 def test_output_dir_holding_a_run_is_refused_unless_asked(tiny_run, capsys):
     out, _ = tiny_run
+    assert foreign_files(out) == []  # the run listed every file it wrote, checkpoints too
     before = (out / "run.json").read_text()
     assert main(["train", "--output-dir", str(out), "--max-steps", "1"]) == 2
     assert "holds another run; pass --overwrite" in capsys.readouterr().err
@@ -312,28 +313,17 @@ def test_output_dir_holding_a_run_is_refused_unless_asked(tiny_run, capsys):
     assert check_output_dir(TrainConfig(output_dir=str(out), overwrite=True)) == out
 
 
-def test_output_dir_with_foreign_files_is_refused_even_with_overwrite(tmp_path):
-    (tmp_path / "notes.txt").write_text("mine")
-    for overwrite in (False, True):
-        with pytest.raises(ValueError, match="not empty and does not hold a qseg run"):
-            check_output_dir(TrainConfig(output_dir=str(tmp_path), overwrite=overwrite))
-
-
-def test_overwrite_never_deletes_files_a_run_does_not_write(tiny_run, tmp_path):
-    """A run folder the user added a file to, and a project folder that holds a qseg
-    config.yaml: neither is replaced, even with --overwrite."""
+def test_overwrite_retrains_through_a_linked_output_dir(tiny_run, tmp_path):
+    """--overwrite replaces the run inside a link to another disk, and keeps the link."""
     run, _ = tiny_run
-    extended = tmp_path / "extended"
-    shutil.copytree(run, extended)
-    (extended / "notes.md").write_text("mine")
-    project = tmp_path / "project"
-    project.mkdir()
-    shutil.copy(run / "config.yaml", project / "config.yaml")
-    (project / "main.py").write_text("print('mine')")
-    for folder, mine in ((extended, "notes.md"), (project, "main.py")):
-        with pytest.raises(ValueError, match=f"does not hold a qseg run alone \\(it holds {mine}"):
-            check_output_dir(TrainConfig(output_dir=str(folder), overwrite=True))
-        assert (folder / mine).read_text().startswith(("mine", "print"))
+    scratch, link = tmp_path / "scratch", tmp_path / "out"
+    shutil.copytree(run, scratch)  # sizes and times kept: still the run it recorded
+    link.symlink_to(scratch)
+    cfg = {"output_dir": str(link), "overwrite": True, "max_steps": 1, "eval_samples": 0}
+    record = train(resolve_config(cfg, run / "config.yaml"))
+    assert record["steps"] == 1 and link.is_symlink()
+    assert not (scratch / "checkpoint-2").exists() and (scratch / "checkpoint-1").is_dir()
+    assert foreign_files(link) == []
 
 
 def test_a_model_that_scales_its_logits_is_refused_before_training(tmp_path, capsys):

@@ -1,0 +1,120 @@
+"""A run's output folder: where it goes, and when replacing it loses nothing of the user's.
+
+A run lists every file it has written, with its size and modification time, in
+`.qseg-files`: when it starts, after each checkpoint and when it ends. `--overwrite`
+replaces a folder only when every file in it, at any depth, is listed there unchanged: a
+file a user added or edited anywhere (a note in a checkpoint folder, their own
+`config.yaml`) keeps the whole folder. Replacing deletes those files and the folders they
+leave empty, never the output folder itself (it may be a link to another disk).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime
+from pathlib import Path
+
+from transformers.trainer_utils import get_last_checkpoint
+
+from qseg.config import TrainConfig
+
+RUNS_ROOT = Path("runs")
+MANIFEST = ".qseg-files"
+
+
+def check_output_dir(cfg: TrainConfig) -> Path:
+    """The run's output dir, after checking that writing there loses nothing.
+
+    Allowed: a new or empty folder; a folder holding a previous run and nothing else, with
+    `overwrite` (replaced when training starts); a folder with checkpoints, with `resume`.
+    """
+    if cfg.output_dir is None:
+        if cfg.resume:
+            raise ValueError("--resume needs --output-dir: the folder of the run to continue")
+        return fresh_run_dir(RUNS_ROOT)
+    output_dir = Path(cfg.output_dir)
+    if cfg.resume:
+        checkpoint = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+        if checkpoint is None:
+            raise ValueError(
+                f"--resume: {output_dir} holds no checkpoint-N folder to continue from; "
+                "train into it without --resume first"
+            )
+        state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+        if cfg.max_steps is not None and state["global_step"] >= cfg.max_steps:
+            raise ValueError(
+                f"--resume: {output_dir} has already trained {state['global_step']} steps and "
+                f"max_steps is {cfg.max_steps}; pass a larger --max-steps to train on"
+            )
+        return output_dir
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ValueError(f"output dir {output_dir} is a file; choose a folder")
+    if not output_dir.is_dir() or not any(output_dir.iterdir()):
+        return output_dir
+    foreign = foreign_files(output_dir)
+    if foreign is None or foreign:
+        held = ""
+        if foreign:
+            held = f" (it holds {', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''})"
+        raise ValueError(
+            f"output dir {output_dir} is not empty and does not hold a qseg run alone{held}; "
+            "choose a new or empty --output-dir"
+        )
+    if not cfg.overwrite:
+        raise ValueError(
+            f"output dir {output_dir} holds another run; pass --overwrite to replace it, "
+            "--resume to continue it, or choose another --output-dir"
+        )
+    return output_dir
+
+
+def fresh_run_dir(root: Path) -> Path:
+    """runs/<YYYYmmdd-HHMMSS>, with a -2, -3, ... suffix when that name is taken."""
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    candidate, n = root / stamp, 1
+    while candidate.exists():
+        n += 1
+        candidate = root / f"{stamp}-{n}"
+    return candidate
+
+
+def record_run_files(output_dir: Path) -> None:
+    """List every file now in `output_dir` as written by the run."""
+    (output_dir / MANIFEST).write_text(json.dumps(_files(output_dir), indent=0) + "\n")
+
+
+def foreign_files(output_dir: Path) -> list[str] | None:
+    """The files in `output_dir` that its run did not write or that changed since (relative
+    paths, sorted); None when no qseg run recorded its files there."""
+    manifest = output_dir / MANIFEST
+    if not manifest.is_file():
+        return None
+    written = json.loads(manifest.read_text())
+    return sorted(path for path, stamp in _files(output_dir).items() if written.get(path) != stamp)
+
+
+def clear_run(output_dir: Path) -> None:
+    """Delete a previous run's files and the folders they leave empty; keep `output_dir`."""
+    for path in _files(output_dir):
+        (output_dir / path).unlink()
+    for root, folders, _ in os.walk(output_dir, topdown=False):
+        for folder in folders:
+            if not any(Path(root, folder).iterdir()):
+                Path(root, folder).rmdir()
+    (output_dir / MANIFEST).unlink(missing_ok=True)
+
+
+def _files(output_dir: Path) -> dict[str, list[int]]:
+    """{relative path: [size, mtime in ns]} of every file and link under `output_dir`
+    (links not followed), the manifest left out."""
+    found = {}
+    for root, folders, files in os.walk(output_dir):
+        links = [folder for folder in folders if Path(root, folder).is_symlink()]
+        for name in (*files, *links):
+            path = Path(root, name)
+            relative = path.relative_to(output_dir).as_posix()
+            if relative != MANIFEST:
+                stat = path.lstat()
+                found[relative] = [stat.st_size, stat.st_mtime_ns]
+    return found
