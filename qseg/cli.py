@@ -160,8 +160,10 @@ def summary(record: dict[str, Any]) -> str:
     run, config = shlex.quote(out), shlex.quote(str(Path(out) / "config.yaml"))
     loss, name = next((spec, name) for spec, name in OTHER_LOSSES if name not in record["loss"])
     other = shlex.quote(f"{out}-{name}")
+    # A run trained on one file has no held-out split to score: the user names one.
+    test_data = " --dataset TEST_FILE" if Path(record["config"]["dataset"]).is_file() else ""
     next_steps = {
-        "score more held-out problems": f"qseg eval --adapter {run} --limit 50",
+        "score more held-out problems": f"qseg eval --adapter {run}{test_data} --limit 50",
         # the same run (its saved config) with only the loss changed
         "train with another loss": (
             f"qseg train --config {config} --loss {loss} --output-dir {other}"

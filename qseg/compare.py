@@ -39,6 +39,7 @@ class RunResult:
     name: str  # the run dir's or report file's name
     label: str  # the loss mix, e.g. "cross_entropy 0.6 + generalized_dice 0.4"
     summary: dict[str, Any]  # dataset, n and the metrics of qseg.metrics
+    scored: str | None = None  # the data scored: "<dataset source> <split>", if known
 
 
 def read_run(directory: str | Path) -> dict[str, Any]:
@@ -123,7 +124,8 @@ def load_result(path: str | Path) -> RunResult:
             f"{run_dir.name}-eval.json` and pass that report file to qseg compare instead"
         )
     loss = run.get("loss") or run["config"].get("loss")
-    return RunResult(run_dir.name, loss_label(loss), run["eval"])
+    scored = _scored(run["config"].get("dataset"), run["config"].get("eval_split"))
+    return RunResult(run_dir.name, loss_label(loss), run["eval"], scored)
 
 
 def _load_report(path: Path) -> RunResult:
@@ -143,7 +145,14 @@ def _load_report(path: Path) -> RunResult:
             return load_result(path.parent)
         return RunResult(path.stem, "unknown loss", report["summary"])
     label = loss_label(setup.get("loss")) if setup.get("adapter") else BASELINE_LABEL
-    return RunResult(path.stem, label, report["summary"])
+    scored = _scored(setup.get("dataset"), setup.get("split"))
+    return RunResult(path.stem, label, report["summary"], scored)
+
+
+def _scored(dataset: str | None, split: str | None) -> str | None:
+    if dataset is None:
+        return None
+    return dataset if Path(dataset).is_file() else f"{dataset} {split}"
 
 
 def legend_labels(results: Sequence[RunResult]) -> list[str]:
@@ -245,6 +254,8 @@ def run_compare(args: argparse.Namespace) -> int:
         FileNotFoundError: a run dir or report that does not exist.
     """
     output_dir = Path(args.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ValueError(f"--output-dir {output_dir} is a file; choose a folder")
     table_path, chart_path = output_dir / TABLE_FILE, output_dir / CHART_FILE
     existing = [str(p) for p in (table_path, chart_path) if p.exists()]
     if existing and not args.overwrite:
@@ -268,6 +279,14 @@ def run_compare(args: argparse.Namespace) -> int:
             + ", ".join(f"{name}: {n}" for name, n in sizes.items())
             + "), so their scores differ by chance too; score each with the same "
             "`qseg eval --limit N --output FILE` and compare those files",
+            file=sys.stderr,
+        )
+    scored = {result.name: result.scored for result in results if result.scored is not None}
+    if len(set(scored.values())) > 1:
+        print(
+            "warning: the results score different data ("
+            + ", ".join(f"{name}: {data}" for name, data in scored.items())
+            + "); compare reports of `qseg eval --dataset D --split S` on the same D and S",
             file=sys.stderr,
         )
     table = markdown_table(results)

@@ -14,6 +14,7 @@ the summary in ``run.json``.
 
 import argparse
 import json
+import logging
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -32,6 +33,8 @@ SCORERS: dict[str, Callable[[Sequence[str], Sequence[str]], dict]] = {
     "openbookqa": score_choice,
     "hellaswag": score_choice,
 }
+log = logging.getLogger(__name__)
+
 # Summary entries that count examples rather than score them.
 _COUNTS = ("n", "n_with_steps")
 # The default answer budget: the longest reference answer's tokens, and a quarter more for
@@ -231,12 +234,34 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def check_held_out(setup: dict[str, Any], config: dict[str, Any], dataset_given: bool) -> None:
+    """Refuse to score an adapter on the one file it was trained on unless that file was
+    named; warn when the scored split is the one it was trained on."""
+    if not config or setup["dataset"] != config.get("dataset"):
+        return
+    if Path(setup["dataset"]).expanduser().is_file():
+        if not dataset_given:
+            raise ValueError(
+                f"the adapter was trained on the single file {setup['dataset']}, which has no "
+                "held-out split; pass --dataset TEST_FILE (or a folder of split files)"
+            )
+        log.warning("scoring the adapter on %s, the file it was trained on", setup["dataset"])
+    elif setup["split"] == config.get("split", "train"):
+        log.warning(
+            "scoring the adapter on split %r of %s, the examples it was trained on",
+            setup["split"],
+            setup["dataset"],
+        )
+
+
 def run_eval(args: argparse.Namespace) -> int:
     """``qseg eval``: load the model (and adapter), generate, score, print and save.
 
     Returns 0; bad input raises ValueError or FileNotFoundError before the model loads.
     """
     output = Path(args.output) if args.output else None
+    if output is not None and output.is_dir():
+        raise ValueError(f"--output {output} is a folder; give the report's file name")
     if output is not None and output.exists() and not args.overwrite:
         raise ValueError(f"{output} exists; pass --overwrite to replace it or choose another file")
     for flag, value in (
@@ -260,6 +285,7 @@ def run_eval(args: argparse.Namespace) -> int:
         "format": args.format or config.get("format") or "steps",
         "max_new_tokens": args.max_new_tokens or config.get("eval_max_new_tokens"),
     }
+    check_held_out(setup, config, dataset_given=args.dataset is not None)
     examples = load_examples(
         setup["dataset"], setup["split"], fmt=setup["format"], limit=args.limit
     )

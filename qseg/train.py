@@ -545,6 +545,12 @@ def _held_out_examples(cfg: TrainConfig) -> list[Example]:
             cfg.eval_split,
         )
         return []
+    if cfg.eval_split == cfg.split:
+        log.warning(
+            "the held-out examples come from the training split %r: their scores are on "
+            "training data",
+            cfg.split,
+        )
     try:
         return load_examples(cfg.dataset, cfg.eval_split, fmt=cfg.format, limit=cfg.eval_samples)
     except (ValueError, FileNotFoundError) as err:

@@ -27,6 +27,7 @@ def captured_config(monkeypatch) -> list[TrainConfig]:
             "model": "m", "backend": "transformers", "quantization": "none",
             "loss": cfg.loss, "train_seconds": 1.0, "tokens_per_second": 1.0,
             "peak_memory_bytes": 1, "peak_memory_kind": "cpu_peak_rss", "eval": None,
+            "config": cfg.to_dict(),
         }  # fmt: skip
 
     monkeypatch.setattr(qseg.train, "train", fake_train)  # run_train imports it when called

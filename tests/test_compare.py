@@ -31,7 +31,8 @@ def summary(exact_match: float, step_iou: float, calc_errors: float) -> dict:
 
 def write_run(directory, loss, eval_summary=None):
     directory.mkdir()
-    run = {"qseg_run": True, "config": {"model": "m", "dataset": "gsm8k", "loss": loss}}
+    config = {"model": "m", "dataset": "gsm8k", "eval_split": "test", "loss": loss}
+    run = {"qseg_run": True, "config": config}
     if eval_summary is not None:
         run["eval"] = eval_summary
     (directory / "run.json").write_text(json.dumps(run))
@@ -104,6 +105,18 @@ def test_results_of_different_sizes_are_compared_with_a_warning(two_runs, tmp_pa
     argv = [*map(str, two_runs), str(report), "--output-dir", str(tmp_path / "out")]
     assert run_compare(compare_args(*argv)) == 0
     assert "different numbers of examples (ce: 5, gdice: 5, base: 50)" in capsys.readouterr().err
+
+
+def test_results_that_score_different_data_are_compared_with_a_warning(two_runs, tmp_path, capsys):
+    report = tmp_path / "other.json"
+    setup = {"adapter": "runs/x", "loss": "focal", "dataset": "data/train.jsonl", "split": "test"}
+    report.write_text(json.dumps({"summary": summary(0.0, 0.1, 0.5), "setup": setup}))
+    argv = [*map(str, two_runs), str(report), "--output-dir", str(tmp_path / "out")]
+    assert run_compare(compare_args(*argv)) == 0
+    warning = "score different data (ce: gsm8k test, gdice: gsm8k test, other: data/train.jsonl"
+    assert warning in capsys.readouterr().err
+    with pytest.raises(ValueError, match="is a file; choose a folder"):
+        run_compare(compare_args(*map(str, two_runs), "--output-dir", str(report)))
 
 
 def test_a_run_json_path_reads_its_run(two_runs):

@@ -264,6 +264,27 @@ def test_run_eval_scores_as_the_run_did(saved, tmp_path):
     assert report["setup"]["max_new_tokens"] == 2
 
 
+def test_a_run_trained_on_one_file_is_not_scored_on_it_unasked(saved, tmp_path, caplog):
+    """One file has no held-out split: the run's own file is scored only when named."""
+    data, run = tmp_path / "train.jsonl", tmp_path / "run"
+    data.write_text(json.dumps(GSM8K_ROWS[0]) + "\n")
+    shutil.copytree(saved["run"], run)
+    record = json.loads((run / "run.json").read_text())
+    record["config"].update(dataset=str(data))
+    (run / "run.json").write_text(json.dumps(record))
+    with pytest.raises(ValueError, match="single file .*train.jsonl.*pass --dataset TEST_FILE"):
+        run_eval(eval_args("--adapter", str(run)))
+    args = eval_args("--adapter", str(run), "--dataset", str(data), "--max-new-tokens", "1")
+    assert run_eval(args) == 0
+    assert "the file it was trained on" in caplog.text
+
+
+def test_run_eval_output_must_be_a_file(saved, tmp_path):
+    args = eval_args("--model", str(saved["base"]), "--output", str(tmp_path), "--overwrite")
+    with pytest.raises(ValueError, match="is a folder"):
+        run_eval(args)
+
+
 def test_run_eval_baseline_without_adapter(saved, tmp_path):
     output = tmp_path / "base.json"
     args = eval_args(
