@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
 import os
 import shlex
@@ -27,10 +28,16 @@ SUBCOMMANDS = ("train", "eval", "compare")
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `qseg` console script; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or (argv[0] not in SUBCOMMANDS and argv[0] not in ("-h", "--help", "--version")):
-        argv.insert(0, "train")
     parser = build_parser()
-    args = parser.parse_args(argv)
+    if argv and not argv[0].startswith("-") and argv[0] not in SUBCOMMANDS:
+        close = difflib.get_close_matches(argv[0], SUBCOMMANDS, n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        parser.error(f"unknown command '{argv[0]}'; {hint}commands: {', '.join(SUBCOMMANDS)}")
+    if not argv or argv[0] not in (*SUBCOMMANDS, "-h", "--help", "--version"):
+        argv.insert(0, "train")
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # said by the subcommand, with its own usage
+        parser.subcommands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     # Under torchrun / accelerate launch (RANK set) the other processes log warnings only.
     level = logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING
     logging.basicConfig(level=level, format="%(message)s")
@@ -58,13 +65,24 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_arguments(train)
     train.set_defaults(run=run_train)
 
-    evaluate = commands.add_parser("eval", help="generate answers and score them")
+    evaluate = commands.add_parser(
+        "eval",
+        help="generate answers and score them",
+        description="Generate answers greedily and score them: an adapter of a qseg run "
+        "(--adapter), or a base model alone (--model) as the baseline.",
+    )
     add_eval_arguments(evaluate)
     evaluate.set_defaults(run=run_eval)
 
-    compare = commands.add_parser("compare", help="table and chart of several runs' scores")
+    compare = commands.add_parser(
+        "compare",
+        help="table and chart of several runs' scores",
+        description="Set the scores of qseg runs and `qseg eval` reports side by side: a "
+        "markdown table and a bar chart.",
+    )
     add_compare_arguments(compare)
     compare.set_defaults(run=run_compare)
+    parser.subcommands = {"train": train, "eval": evaluate, "compare": compare}
     return parser
 
 

@@ -113,6 +113,10 @@ def load_result(path: str | Path) -> RunResult:
             says how to get them).
     """
     path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} does not exist; give qseg run folders or `qseg eval --output` files"
+        )
     if path.is_file() and path.name != RUN_FILE:
         return _load_report(path)
     run_dir = path.parent if path.name == RUN_FILE else path

@@ -120,8 +120,8 @@ class TrainConfig:
         self.loss = resolve_loss(self.loss)
         if isinstance(self.lora_targets, str) and self.lora_targets != "all-linear":
             self.lora_targets = _split_names(self.lora_targets)
-        elif not isinstance(self.lora_targets, str):
-            self.lora_targets = list(self.lora_targets)
+        elif isinstance(self.lora_targets, (list, tuple)):
+            self.lora_targets = list(self.lora_targets)  # anything else: _validate says so
         _validate(self)
 
     def to_dict(self) -> dict[str, Any]:
@@ -197,12 +197,19 @@ def resolve_loss(loss: str | Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """A loss setting (the --loss grammar, a JSON string, or a mixture dict) in the
     canonical form `{name: {"weight": w, **params}}`."""
     if isinstance(loss, str):
-        return parse_loss_arg(loss)
-    if isinstance(loss, Mapping):
-        return normalize_losses(loss)
-    raise ValueError(
-        f"loss must be a string like 'cross_entropy:0.6,lovasz:0.4' or a mapping; got {loss!r}"
-    )
+        mixture = parse_loss_arg(loss)
+    elif isinstance(loss, Mapping):
+        mixture = normalize_losses(loss)
+    else:
+        raise ValueError(
+            f"loss must be a string like 'cross_entropy:0.6,lovasz:0.4' or a mapping; got {loss!r}"
+        )
+    if not any(term["weight"] > 0 for term in mixture.values()):
+        raise ValueError(
+            f"the loss weights sum to 0 ({loss!r}): training would not learn; give at least "
+            "one term a weight > 0"
+        )
+    return mixture
 
 
 def parse_loss_arg(text: str) -> dict[str, dict[str, Any]]:
@@ -214,11 +221,16 @@ def parse_loss_arg(text: str) -> dict[str, dict[str, Any]]:
     `qseg.losses.normalize_losses`, which rejects unknown names and parameters.
     """
     text = text.strip()
-    if text.startswith("{"):
+    if text.startswith(("{", "[")):
         try:
             mixture = json.loads(text)
         except json.JSONDecodeError as err:
             raise ValueError(f"--loss {text!r} is not valid JSON: {err}") from err
+        if not isinstance(mixture, dict):
+            raise ValueError(
+                f"--loss {text!r}: JSON must be an object, name -> weight or name -> "
+                '{"weight": w, **params}, e.g. {"focal": {"weight": 1, "gamma": 3}}'
+            )
         return normalize_losses(mixture)
     if not text:
         raise ValueError(
@@ -331,9 +343,13 @@ def _validate(cfg: TrainConfig) -> None:
             "gradient_checkpointing must be true, false or 'auto'; "
             f"got {cfg.gradient_checkpointing!r}"
         )
-    for name in ("dataset", "split", "eval_split"):
-        if not isinstance(getattr(cfg, name), str) or not getattr(cfg, name):
-            raise ValueError(f"{name} must be a non-empty string; got {getattr(cfg, name)!r}")
+    for name in ("dataset", "split", "eval_split", "model", "output_dir"):
+        value = getattr(cfg, name)
+        if (value is not None or name not in ("model", "output_dir")) and (
+            not isinstance(value, str) or not value
+        ):
+            hint = f" (in YAML, quote it: {name}: '{value}')" if isinstance(value, int) else ""
+            raise ValueError(f"{name} must be a non-empty string{hint}; got {value!r}")
 
 
 def _check_int(cfg: TrainConfig, name: str, *, minimum: int, also: str = "") -> None:

@@ -27,6 +27,7 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.lr_scheduler import LambdaLR
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_utils import get_last_checkpoint
@@ -101,7 +102,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         train_dataset=features,
         data_collator=DataCollator(loaded.tokenizer.pad_token_id),
         processing_class=loaded.tokenizer,
-        callbacks=[monitor, RecordRunFiles(output_dir)],
+        callbacks=[monitor, RecordRunFiles(output_dir), ResumeOnTheNewSchedule()],
         loss_spec=cfg.loss,
         ce_scope=cfg.ce_scope,
         chunk_size=cfg.chunk_size,
@@ -419,6 +420,20 @@ class StepMonitor(TrainerCallback):
         self.tokens_per_second = tokens / seconds if seconds > 0 else 0.0
         logs["tokens_per_s"] = round(self.tokens_per_second, 1)
         logs["peak_memory_gb"] = round(peak_memory_bytes() / GiB, 3)
+
+
+class ResumeOnTheNewSchedule(TrainerCallback):
+    """After --resume, the first step's learning rate from the schedule of this run.
+
+    The optimizer comes back with the rate the checkpoint's schedule had reached: 0 at the
+    end of a linear decay, when `--max-steps` grows to train on. The schedule itself is
+    rebuilt for the new total (its rate functions are not saved), so one step of it, from
+    the step before, gives the rate this step should have."""
+
+    def on_train_begin(self, args, state, control, lr_scheduler=None, **kwargs):
+        if state.global_step > 0 and isinstance(lr_scheduler, LambdaLR):
+            lr_scheduler.last_epoch -= 1
+            lr_scheduler.step()
 
 
 class RecordRunFiles(TrainerCallback):

@@ -163,3 +163,19 @@ def test_unknown_choice_is_rejected_by_the_parser(capsys) -> None:
         main(["train", "--preset", "paper-gsm9k"])
     assert exit_info.value.code == 2
     assert "paper-gsm8k" in capsys.readouterr().err
+
+
+def test_a_misspelt_command_is_named_with_the_likely_one(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["evl", "--limit", "2"])
+    assert exit_info.value.code == 2
+    assert "unknown command 'evl'; did you mean 'eval'?" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["train", "--max-stepz", "3"], ["--max-stepz", "3"]])
+def test_a_misspelt_flag_is_reported_by_its_command(argv, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage: qseg train" in err and "unrecognized arguments: --max-stepz 3" in err

@@ -140,6 +140,10 @@ def test_resume_reads_the_saved_config_under_the_flags(tmp_path: Path) -> None:
         ({"lora_targets": []}, "lora_targets must be module names or 'all-linear'"),
         ({"resume": "yes"}, "resume must be true or false"),
         ({"gradient_checkpointing": "on"}, "gradient_checkpointing must be true, false or 'auto'"),
+        ({"lora_targets": 5}, "lora_targets must be module names or 'all-linear'"),
+        ({"output_dir": 2024}, "output_dir must be a non-empty string .in YAML, quote it"),
+        ({"model": 5}, "model must be a non-empty string"),
+        ({"loss": "ce:0,lovasz:0"}, "loss weights sum to 0 .*training would not learn"),
     ],
 )
 def test_bad_values_name_the_setting_and_what_is_allowed(settings: dict, message: str) -> None:
@@ -191,6 +195,7 @@ def test_loss_grammar(text: str, expected: dict) -> None:
         (",focal", "has no loss name"),
         ("", "--loss is empty"),
         ('{"focal": 1', "not valid JSON"),
+        ('["ce"]', "JSON must be an object"),
     ],
 )
 def test_loss_grammar_errors(text: str, message: str) -> None:

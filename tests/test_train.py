@@ -297,6 +297,11 @@ def test_resume_continues_from_the_last_checkpoint(tiny_run, tmp_path):
     shutil.copytree(first, out)
     resumed = train(resolve_config({"resume": True, "output_dir": str(out), "max_steps": 3}))
     assert resumed["steps"] == 3 and resumed["steps_this_run"] == 1
+    # The step after resuming runs at the new schedule's rate, 1e-3 · (3 − 2) / 3, not at
+    # the finished schedule's 0.
+    history = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())["log_history"]
+    rates = {entry["step"]: entry["learning_rate"] for entry in history if "learning_rate" in entry}
+    assert rates[3] == pytest.approx(1e-3 / 3)
     assert "trained 3 steps (1 in this run) of" in summary(resumed)
     assert resumed["losses"][:2] == record["losses"]  # the first two steps were not redone
     assert len(resumed["losses"]) == 3 and (out / "checkpoint-3").is_dir()
