@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,8 @@ from typing import Any
 import yaml
 
 from qseg.losses import normalize_losses
+
+log = logging.getLogger(__name__)
 
 FORMATS = ("steps", "full")
 CE_SCOPES = ("answer", "sequence")
@@ -170,7 +173,28 @@ def resolve_config(
             layer = {**layer, "max_steps": None}
         merged.update(layer)
     merged["preset"] = preset_name
-    return TrainConfig(**merged)
+    cfg = TrainConfig(**merged)
+    if base:
+        _warn_of_changes(TrainConfig(**base), cfg)
+    return cfg
+
+
+# Settings a resumed run may change without changing what it trains.
+_FREE_ON_RESUME = {
+    *("max_steps", "epochs", "resume", "overwrite", "output_dir", "save_steps", "eval_samples"),
+}
+
+
+def _warn_of_changes(saved: TrainConfig, resumed: TrainConfig) -> None:
+    """A resumed run whose training settings differ from its checkpoint's trains on
+    with another recipe than it began with: allowed, and said."""
+    before, now = saved.to_dict(), resumed.to_dict()
+    changed = [k for k in now if k not in _FREE_ON_RESUME and now[k] != before[k]]
+    if changed:
+        log.warning(
+            "resuming with changed settings: %s",
+            "; ".join(f"{k} was {before[k]!r}, now {now[k]!r}" for k in changed),
+        )
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

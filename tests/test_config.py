@@ -125,6 +125,15 @@ def test_resume_reads_the_saved_config_under_the_flags(tmp_path: Path) -> None:
     assert resolve_config({"output_dir": str(tmp_path)}).lr != 0.123
 
 
+def test_resuming_with_another_recipe_is_said(tmp_path: Path, caplog) -> None:
+    resolve_config({"max_steps": 2}).save(tmp_path / CONFIG_FILE)
+    resume = {"resume": True, "output_dir": str(tmp_path), "max_steps": 5}
+    resolve_config(resume)
+    assert "changed settings" not in caplog.text  # more steps: the same recipe
+    resolve_config({**resume, "loss": "focal"})
+    assert "resuming with changed settings: loss was {'cross_entropy'" in caplog.text
+
+
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
