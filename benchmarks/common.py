@@ -284,7 +284,10 @@ def write_json(rows: Sequence[dict[str, Any]], path: Path, quiet: bool = False) 
     """Write the rows; benchmarks call it after every case too, so a run cut short by a
     timeout still leaves what it measured."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(list(rows), indent=1) + "\n")
+    # Written whole, then renamed: a run killed mid-write leaves the last complete file.
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(list(rows), indent=1) + "\n")
+    partial.replace(path)
     if not quiet:
         print(f"wrote {path} ({len(rows)} rows)")
 

@@ -510,7 +510,10 @@ def search_all(args: argparse.Namespace, device: torch.device) -> list[dict[str,
 
 def earlier_rows(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
     """`--resume`'s rows, refused when they were searched on another card or setup."""
-    rows = json.loads(args.resume.read_text())
+    try:
+        rows = json.loads(args.resume.read_text())
+    except json.JSONDecodeError as error:
+        raise SystemExit(f"--resume {args.resume} is not a JSON file of rows: {error}") from error
     here = {"device": common.device_name(device), "granularity": args.granularity}
     for row in rows:
         if row.get("model") not in args.models or row.get("cap_gb") is None:
