@@ -311,3 +311,19 @@ time.sleep(60)  # e.g. compiler workers slow to shut down
     assert row == {"impl": "qseg", "peak_mb": 1.0, "ms": 2.0}
     row = common.run_isolated("slow_worker", {"impl": "naive"}, timeout=5)
     assert row["status"] == "timeout" and "timed out after 5 s" in row["error"]
+
+
+def test_a_case_that_fails_is_a_row_and_the_others_still_run(monkeypatch, capsys) -> None:
+    from benchmarks import loss_memory
+
+    def run_case(case):
+        if case["impl"] == "torch":
+            raise RuntimeError("a kernel bug")
+        return {**case, "peak_mb": 1.0, "ms": 1.0}
+
+    monkeypatch.setattr(loss_memory, "run_case", run_case)
+    case = {"loss": "cross_entropy", "tokens": 8, "vocab": 16, "hidden": 4}
+    cases = [{**case, "impl": impl} for impl in ("torch", "qseg")]
+    rows = loss_memory.run_all(cases, torch.device("cpu"), isolate=False, timeout=1)
+    assert rows[0]["error"] == "RuntimeError: a kernel bug" and rows[0]["device"] == "cpu"
+    assert common.measured(rows[1])
