@@ -43,6 +43,16 @@ def assert_same_loss(
         torch.testing.assert_close(f, n, **tol)
 
 
+def lora_head(bias: bool = False, **options) -> nn.Module:
+    """A peft LoRA-wrapped (D -> V) lm_head, its adapter weights random (not B = 0)."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.lm_head = nn.Linear(D, V, bias=bias)
+    config = peft.LoraConfig(target_modules=["lm_head"], r=4, init_lora_weights=False, **options)
+    return peft.inject_adapter_in_model(config, model).lm_head
+
+
 # --- nn.Linear, LoRA, bitsandbytes 4-bit -----------------------------------------------
 
 
@@ -54,12 +64,7 @@ def test_linear_with_bias_and_frozen_weight():
 
 @pytest.mark.parametrize("case", CASES)
 def test_lora_head_gradients_reach_the_adapter(case):
-    peft = pytest.importorskip("peft")
-    torch.manual_seed(0)
-    model = nn.Module()
-    model.lm_head = nn.Linear(D, V, bias=False)
-    config = peft.LoraConfig(target_modules=["lm_head"], r=4, lora_alpha=8, init_lora_weights=False)
-    head = peft.inject_adapter_in_model(config, model).lm_head
+    head = lora_head(lora_alpha=8)
     assert not head.base_layer.weight.requires_grad
     assert_same_loss(head, case, [head.lora_A["default"].weight, head.lora_B["default"].weight])
 
@@ -200,15 +205,7 @@ def test_int8_head_with_a_float_weight_trains_it(case):
 @pytest.mark.parametrize("base_bias", [False, True])
 @pytest.mark.parametrize("case", CASES)
 def test_lora_bias_adds_scaled_bias_and_gets_its_gradient(base_bias, case):
-    peft = pytest.importorskip("peft")
-    torch.manual_seed(0)
-    model = nn.Module()
-    model.lm_head = nn.Linear(D, V, bias=base_bias)
-    config = peft.LoraConfig(
-        target_modules=["lm_head"], r=4, lora_alpha=12, lora_bias=True, init_lora_weights=False
-    )
-    model = peft.inject_adapter_in_model(config, model)
-    head = model.lm_head
+    head = lora_head(bias=base_bias, lora_alpha=12, lora_bias=True)
     lora_a, lora_b = head.lora_A["default"], head.lora_B["default"]
     with torch.no_grad():
         lora_b.bias.normal_()  # as after some training
@@ -220,12 +217,7 @@ def test_lora_bias_adds_scaled_bias_and_gets_its_gradient(base_bias, case):
 def test_half_lora_head_gives_its_float32_upcast(dtype):
     """Off CUDA half products are formed in float32, the adapter's down-projection too:
     in fp16 it overflowed (loss NaN) where the float32 upcast is finite."""
-    peft = pytest.importorskip("peft")
-    torch.manual_seed(0)
-    model = nn.Module()
-    model.lm_head = nn.Linear(D, V, bias=False)
-    config = peft.LoraConfig(target_modules=["lm_head"], r=4, lora_alpha=6, init_lora_weights=False)
-    head = peft.inject_adapter_in_model(config, model).lm_head
+    head = lora_head(lora_alpha=6)
     hidden, labels = make_batch()
     hidden = (hidden.detach() * 3000).clamp(-6e4, 6e4).to(dtype)
     half = fused_linear_loss(hidden, head.to(dtype), labels, "cross_entropy", chunk_size=5)
@@ -235,11 +227,7 @@ def test_half_lora_head_gives_its_float32_upcast(dtype):
 
 
 def test_cpu_autocast_leaves_a_lora_head_in_float32():
-    peft = pytest.importorskip("peft")
-    model = nn.Module()
-    model.lm_head = nn.Linear(D, V)
-    config = peft.LoraConfig(target_modules=["lm_head"], r=4, init_lora_weights=False)
-    head = peft.inject_adapter_in_model(config, model).lm_head
+    head = lora_head(bias=True)
     hidden, labels = make_batch()
     expected = fused_linear_loss(hidden, head, labels, CASES[1], chunk_size=5)
     with torch.autocast("cpu", dtype=torch.bfloat16):
