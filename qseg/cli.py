@@ -19,6 +19,7 @@ from typing import Any
 from qseg import __version__
 from qseg.compare import add_compare_arguments, run_compare
 from qseg.config import BACKENDS, CE_SCOPES, FORMATS, PRESETS, QUANTIZATIONS, resolve_config
+from qseg.data import is_one_file
 from qseg.eval import add_eval_arguments, format_table, run_eval
 from qseg.losses import available_losses
 
@@ -179,7 +180,7 @@ def summary(record: dict[str, Any]) -> str:
     loss, name = next((spec, name) for spec, name in OTHER_LOSSES if name not in record["loss"])
     other = shlex.quote(f"{out}-{name}")
     # A run trained on one file has no held-out split to score: the user names one.
-    test_data = " --dataset TEST_FILE" if Path(record["config"]["dataset"]).is_file() else ""
+    test_data = " --dataset TEST_FILE" if is_one_file(record["config"]["dataset"]) else ""
     next_steps = {
         "score more held-out problems": f"qseg eval --adapter {run}{test_data} --limit 50",
         # the same run (its saved config) with only the loss changed

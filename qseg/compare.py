@@ -22,6 +22,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
+from qseg.data import is_one_file
 from qseg.losses import normalize_losses
 from qseg.metrics import CHOICE_METRICS, LOWER_IS_BETTER, MATH_METRICS
 
@@ -156,7 +157,7 @@ def _load_report(path: Path) -> RunResult:
 def _scored(dataset: str | None, split: str | None) -> str | None:
     if dataset is None:
         return None
-    return dataset if Path(dataset).is_file() else f"{dataset} {split}"
+    return dataset if is_one_file(dataset) else f"{dataset} {split}"
 
 
 def legend_labels(results: Sequence[RunResult]) -> list[str]:

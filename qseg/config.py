@@ -181,7 +181,13 @@ def resolve_config(
 
 # Settings a resumed run may change without changing what it trains.
 _FREE_ON_RESUME = {
-    *("max_steps", "epochs", "resume", "overwrite", "output_dir", "save_steps", "eval_samples"),
+    "max_steps",
+    "epochs",
+    "resume",
+    "overwrite",
+    "output_dir",
+    "save_steps",
+    "eval_samples",
 }
 
 
@@ -367,13 +373,18 @@ def _validate(cfg: TrainConfig) -> None:
             "gradient_checkpointing must be true, false or 'auto'; "
             f"got {cfg.gradient_checkpointing!r}"
         )
-    for name in ("dataset", "split", "eval_split", "model", "output_dir"):
-        value = getattr(cfg, name)
-        if (value is not None or name not in ("model", "output_dir")) and (
-            not isinstance(value, str) or not value
-        ):
-            hint = f" (in YAML, quote it: {name}: '{value}')" if isinstance(value, int) else ""
-            raise ValueError(f"{name} must be a non-empty string{hint}; got {value!r}")
+    for name in ("dataset", "split", "eval_split"):
+        _check_text(cfg, name)
+    for name in ("model", "output_dir"):  # None: the default
+        if getattr(cfg, name) is not None:
+            _check_text(cfg, name)
+
+
+def _check_text(cfg: TrainConfig, name: str) -> None:
+    value = getattr(cfg, name)
+    if not isinstance(value, str) or not value:
+        hint = f" (in YAML, quote it: {name}: '{value}')" if isinstance(value, int) else ""
+        raise ValueError(f"{name} must be a non-empty string{hint}; got {value!r}")
 
 
 def _check_int(cfg: TrainConfig, name: str, *, minimum: int, also: str = "") -> None:

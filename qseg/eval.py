@@ -24,7 +24,14 @@ import torch
 from tqdm import tqdm
 
 from qseg.compare import read_run
-from qseg.data import Example, answer_length, encode_prompt, format_prompt, load_examples
+from qseg.data import (
+    Example,
+    answer_length,
+    encode_prompt,
+    format_prompt,
+    is_one_file,
+    load_examples,
+)
 from qseg.metrics import score_choice, score_math
 
 SCORERS: dict[str, Callable[[Sequence[str], Sequence[str]], dict]] = {
@@ -239,7 +246,7 @@ def check_held_out(setup: dict[str, Any], config: dict[str, Any], dataset_given:
     named; warn when the scored split is the one it was trained on."""
     if not config or setup["dataset"] != config.get("dataset"):
         return
-    if Path(setup["dataset"]).expanduser().is_file():
+    if is_one_file(setup["dataset"]):
         if not dataset_given:
             raise ValueError(
                 f"the adapter was trained on the single file {setup['dataset']}, which has no "

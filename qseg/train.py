@@ -33,8 +33,16 @@ from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 import qseg
+from qseg.compare import RUN_FILE
 from qseg.config import CONFIG_FILE, TrainConfig
-from qseg.data import IGNORE_INDEX, DataCollator, Example, build_dataset, load_examples
+from qseg.data import (
+    IGNORE_INDEX,
+    DataCollator,
+    Example,
+    build_dataset,
+    is_one_file,
+    load_examples,
+)
 from qseg.eval import evaluate
 from qseg.losses import fused_linear_loss, plan_chunks
 from qseg.models import (
@@ -51,7 +59,6 @@ from qseg.run_dir import check_output_dir, clear_run, record_run_files
 
 log = logging.getLogger(__name__)
 
-RUN_FILE = "run.json"
 EVAL_FILE = "eval.json"
 GiB = 1 << 30
 
@@ -552,7 +559,7 @@ def _held_out_examples(cfg: TrainConfig) -> list[Example]:
     split fails before training rather than after it."""
     if cfg.eval_samples == 0:
         return []
-    if Path(cfg.dataset).expanduser().is_file():
+    if is_one_file(cfg.dataset):
         log.warning(
             "no held-out evaluation: the dataset %s is one file, without a separate %s split; "
             "score the adapter with `qseg eval --adapter DIR --dataset TEST_FILE`",

@@ -9,7 +9,7 @@
 """
 
 from qseg.data.formats import DATASETS, Example, format_prompt
-from qseg.data.sources import HUB_IDS, SAMPLE, load_examples
+from qseg.data.sources import HUB_IDS, SAMPLE, is_one_file, load_examples
 from qseg.data.tokenize import (
     IGNORE_INDEX,
     DataCollator,
@@ -30,6 +30,7 @@ __all__ = [
     "build_dataset",
     "encode_prompt",
     "format_prompt",
+    "is_one_file",
     "load_examples",
     "tokenize_example",
 ]

@@ -128,6 +128,12 @@ def _hub_rows(hub_id: str, config: str | None, split: str) -> Iterator[dict[str,
     yield from rows
 
 
+def is_one_file(source: str) -> bool:
+    """Whether `source` is a single local data file: one set of examples, no splits to
+    choose from (a split name is then ignored)."""
+    return Path(source).expanduser().is_file()
+
+
 def _resolve(source: str, split: str) -> tuple[str, Iterator[dict[str, Any]]]:
     """(description used in messages, rows) for any accepted ``source``."""
     if source == SAMPLE:
