@@ -250,6 +250,19 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _distinct(runs: Sequence[str]) -> list[str]:
+    """``runs`` without repeats of one run (given twice, or as its dir and its run.json)."""
+    seen: dict[Path, str] = {}
+    for run in runs:
+        path = Path(run).expanduser().resolve()
+        key = path.parent if path.name == RUN_FILE else path
+        if key in seen:
+            print(f"warning: {run} is {seen[key]} again; it is shown once", file=sys.stderr)
+        else:
+            seen[key] = run
+    return list(seen.values())
+
+
 def run_compare(args: argparse.Namespace) -> int:
     """``qseg compare``: print the table, save it and the chart. Returns 0.
 
@@ -269,7 +282,7 @@ def run_compare(args: argparse.Namespace) -> int:
             "another --output-dir"
         )
     results, problems = [], []
-    for run in args.runs:
+    for run in _distinct(args.runs):
         try:
             results.append(load_result(run))
         except ValueError as error:

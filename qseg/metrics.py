@@ -27,8 +27,9 @@ _ANSWER = re.compile(
 )
 _STEP = re.compile(r"<<(.*?)>>", re.DOTALL)
 _WHITESPACE = re.compile(r"\s+")
-# A standalone capital letter A-E: not part of a word such as "Answer" or "A1".
-_CHOICE = re.compile(r"(?<![A-Za-z0-9_])[A-E](?![A-Za-z0-9_])")
+# A standalone capital letter A-E: not part of a word such as "Answer" or "A1", and not
+# the article "A" that starts a sentence ("A man is ..."), which choice B-E cannot be.
+_CHOICE = re.compile(r"(?<![A-Za-z0-9_])(?:[B-E]|A(?!\s+[a-z]))(?![A-Za-z0-9_])")
 
 # Arithmetic tokens: numbers (decimals, ".5", thousands separators "1,000"), operators
 # in ASCII and unicode spellings, and parentheses.
@@ -269,7 +270,11 @@ def score_math(predictions: Sequence[str], references: Sequence[str]) -> dict[st
 
 
 def extract_choice(text: str) -> str | None:
-    """The first standalone capital letter A–E in ``text`` (``"Answer: C."`` gives "C")."""
+    """The first standalone capital letter A–E in ``text`` (``"Answer: C."`` gives "C").
+
+    An "A" followed by a lowercase word is the article, not a choice: ``"A man runs. B"``
+    gives "B".
+    """
     match = _CHOICE.search(text)
     return match.group(0) if match else None
 
@@ -278,7 +283,7 @@ def score_choice(predictions: Sequence[str], references: Sequence[str]) -> dict[
     """Accuracy of multiple-choice predictions (OpenBookQA, HellaSwag layouts).
 
     ``accuracy``: share of examples whose predicted letter (the first standalone capital
-    A–E, :func:`extract_choice`) equals the reference letter; a prediction without one is
+    A–E that is not the article "A", :func:`extract_choice`) equals the reference letter; a prediction without one is
     wrong. Returns ``accuracy`` (None when there is no example) and ``n``.
 
     Raises:

@@ -124,6 +124,17 @@ def test_a_run_json_path_reads_its_run(two_runs):
     assert (result.name, result.summary["exact_match"]) == ("gdice", 0.4)
 
 
+def test_a_run_given_twice_is_shown_once(two_runs, tmp_path, capsys):
+    ce, gdice = map(str, two_runs)
+    argv = [ce, gdice, f"{ce}/run.json", ce + "/", "--output-dir", str(tmp_path / "out")]
+    assert run_compare(compare_args(*argv)) == 0
+    table = (tmp_path / "out" / "compare.md").read_text()
+    rows = [line.split(" | ")[0] for line in table.splitlines()[2:] if line.startswith("|")]
+    assert rows == ["| ce", "| gdice"]
+    err = capsys.readouterr().err
+    assert f"{ce}/run.json is {ce} again" in err and f"{ce}/ is {ce} again" in err
+
+
 def test_runs_sharing_a_loss_are_told_apart_in_the_chart_legend(tmp_path):
     a = load_result(write_run(tmp_path / "a", "focal", summary(0.1, 0.1, 0.1)))
     b = load_result(write_run(tmp_path / "b", "focal", summary(0.2, 0.2, 0.2)))

@@ -261,6 +261,11 @@ def test_check_step(step, verdict):
         ("F G", None),
         ("answer", None),
         ("A1 b", None),
+        ("A", "A"),
+        ("A. a lake", "A"),
+        ("A\nB", "A"),
+        ("A man is seen. Answer: B", "B"),
+        ("A woman", None),
     ],
 )
 def test_extract_choice_takes_the_first_standalone_letter(text, letter):
