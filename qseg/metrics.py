@@ -283,8 +283,9 @@ def score_choice(predictions: Sequence[str], references: Sequence[str]) -> dict[
     """Accuracy of multiple-choice predictions (OpenBookQA, HellaSwag layouts).
 
     ``accuracy``: share of examples whose predicted letter (the first standalone capital
-    A–E that is not the article "A", :func:`extract_choice`) equals the reference letter; a prediction without one is
-    wrong. Returns ``accuracy`` (None when there is no example) and ``n``.
+    A–E that is not the article "A", :func:`extract_choice`) equals the reference letter;
+    a prediction without one is wrong. Returns ``accuracy`` (None when there is no
+    example) and ``n``.
 
     Raises:
         ValueError: lengths differ, an input is a single string, or a reference holds

@@ -4,6 +4,7 @@ import math
 import warnings
 import weakref
 
+import numpy as np
 import pytest
 import torch
 from loss_reference import reference_loss
@@ -324,9 +325,21 @@ def test_normalizers_for_gradient_accumulation():
     torch.testing.assert_close(halves[0] + halves[1], whole)
 
 
-def test_fused_linear_loss_module_refuses_unknown_options_when_built():
+def test_fused_linear_loss_module_checks_its_options_when_built():
     with pytest.raises(ValueError, match=r"unknown FusedLinearLoss option\(s\) \['chunksize'\]"):
         FusedLinearLoss("ce", chunksize=64)
+    with pytest.raises(ValueError, match="chunk_size must be a positive int"):
+        FusedLinearLoss("ce", chunk_size=0)
+    with pytest.raises(ValueError, match="bias, num_tokens and num_samples go to forward"):
+        FusedLinearLoss("ce", bias=torch.zeros(V))
+
+
+def test_fused_linear_loss_module_takes_a_bias_in_its_call():
+    """A bias is the model's parameter, so it comes with each call, not at construction."""
+    hidden, weight, bias, labels = make_batch()
+    expected = fused_linear_loss(hidden, weight, labels, "focal", bias=bias)
+    actual = FusedLinearLoss("focal")(hidden, weight, labels, bias=bias)
+    torch.testing.assert_close(actual, expected)
 
 
 def test_aliases_resolve_to_canonical_names():
@@ -396,6 +409,34 @@ def test_huge_logits_stay_finite(losses):
     logits = (hidden @ weight.T).detach().requires_grad_()
     loss_from_logits(logits, labels, losses).backward()
     assert torch.isfinite(logits.grad).all()
+
+
+@pytest.mark.parametrize("absent_weight", ["max", "reference", "zero"])
+def test_generalized_dice_gradients_stay_finite_at_extreme_logits(absent_weight):
+    """The rest of the vocabulary's log-sum-exp is kept whole for the backward: rebuilt from
+    log p + lse it loses its low digits at logits of 1e10 and exp(z − lse_rest) overflows."""
+    g = torch.Generator().manual_seed(0)
+    logits = (1e10 * torch.randn(2, 6, 9, generator=g)).requires_grad_()
+    labels = torch.randint(0, 9, (2, 6), generator=g)
+    losses = {"generalized_dice": {"absent_weight": absent_weight}}
+    loss = fused_linear_loss(logits, torch.eye(9), labels, losses, chunk_size=5)
+    (grad,) = grads(loss, logits)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+
+
+@pytest.mark.parametrize("losses", ["cross_entropy", "generalized_dice", "lovasz"])
+def test_double_backward_is_a_clear_error(losses):
+    """Gradients through the gradient (create_graph=True) would silently lack the second
+    order: refused, pointing to loss_from_logits."""
+    hidden, weight, _, labels = make_batch()
+    loss = fused_linear_loss(hidden, weight, labels, losses, chunk_size=7)
+    with pytest.raises(RuntimeError, match="no second derivative.*loss_from_logits"):
+        torch.autograd.grad(loss, hidden, create_graph=True)
+    # loss_from_logits has one, for the penalty the message suggests.
+    penalty = loss_from_logits(hidden @ weight.T, labels, losses)
+    (grad,) = torch.autograd.grad(penalty, hidden, create_graph=True)
+    grad.square().sum().backward()
+    assert torch.isfinite(weight.grad).all() and weight.grad.abs().sum() > 0
 
 
 def test_reusing_a_token_wise_graph_after_its_gradients_changed_is_a_clear_error():
@@ -492,9 +533,18 @@ BAD_INPUTS = [
     (dict(labels_value=-3), "found -3"),
     (dict(labels_dtype=torch.float32), "integer tensor"),
     (dict(labels_shape=(B, T + 1)), "does not line up"),
+    (dict(labels_as_list=True), "labels must be a torch.Tensor; got list"),
     (dict(weight_shape=(V, D + 1)), "does not match the head"),
-    (dict(bias_shape=(V + 1,)), "bias must have shape"),
-    (dict(chunk_size=0), "chunk_size must be a positive int"),
+    (dict(weight_dtype=torch.long), r"weight must be a 2-D \(V, d\) floating-point tensor"),
+    (dict(bias_shape=(V + 1,)), r"bias must be a floating-point tensor of shape \(13,\)"),
+    (dict(bias_dtype=torch.long), "bias must be a floating-point tensor"),
+    (dict(fused=dict(chunk_size=0)), "chunk_size must be a positive int"),
+    (dict(fused=dict(chunk_memory=0.5)), "chunk_memory must be a positive number of bytes"),
+    (dict(both=dict(ignore_index=None)), "ignore_index must be an int"),
+    (dict(both=dict(num_tokens=3)), "num_tokens must be None or an int at least the 11 valid"),
+    (dict(both=dict(num_tokens=-1)), "num_tokens must be"),
+    (dict(both=dict(num_samples=0)), "num_samples must be None or an int at least the 2"),
+    (dict(both=dict(num_samples=2.5)), "num_samples must be"),
 ]
 
 
@@ -508,18 +558,39 @@ def test_bad_input_raises_a_clear_value_error(bad, message):
         labels = labels.to(bad["labels_dtype"])
     if "labels_shape" in bad:
         labels = torch.zeros(bad["labels_shape"], dtype=torch.long)
+    if "labels_as_list" in bad:
+        labels = labels.tolist()
     if "weight_shape" in bad:
         weight = torch.randn(bad["weight_shape"], dtype=torch.float64)
+    if "weight_dtype" in bad:
+        weight = weight.detach().to(bad["weight_dtype"])
     if "bias_shape" in bad:
         bias = torch.randn(bad["bias_shape"], dtype=torch.float64)
+    if "bias_dtype" in bad:
+        bias = bias.detach().to(bad["bias_dtype"])
     losses = bad.get("losses", "cross_entropy")
+    both = bad.get("both", {})
     with pytest.raises(ValueError, match=message):
-        fused_linear_loss(
-            hidden, weight, labels, losses, bias=bias, chunk_size=bad.get("chunk_size", "auto")
-        )
-    if "weight_shape" not in bad and "bias_shape" not in bad and "chunk_size" not in bad:
+        fused_linear_loss(hidden, weight, labels, losses, bias=bias, **both, **bad.get("fused", {}))
+    if not {"weight_shape", "weight_dtype", "bias_shape", "bias_dtype", "fused"} & set(bad):
         with pytest.raises(ValueError, match=message):
-            loss_from_logits(hidden @ weight.T, labels, losses)
+            loss_from_logits(hidden @ weight.T, labels, losses, **both)
+
+
+@pytest.mark.parametrize("losses", ["cross_entropy", {"focal": 1.0, "generalized_dice": 0.5}])
+def test_normalizers_count_the_whole_batch(losses):
+    """num_tokens / num_samples as large as this batch's own counts change nothing; numpy
+    numbers and integer tensors are taken as ints."""
+    hidden, weight, _, labels = make_batch()
+    expected = fused_linear_loss(hidden, weight, labels, losses, chunk_size=5)
+    counts = dict(num_tokens=torch.tensor(11), num_samples=np.int64(2))
+    actual = fused_linear_loss(hidden, weight, labels, losses, chunk_size=np.int64(5), **counts)
+    torch.testing.assert_close(actual, expected)
+    halved = fused_linear_loss(hidden, weight, labels, losses, num_tokens=22, num_samples=4)
+    torch.testing.assert_close(halved, expected / 2)
+    numpy_weights = {"cross_entropy": np.float32(0.5), "focal": {"weight": np.float64(0.5)}}
+    mixed = fused_linear_loss(hidden, weight, labels, numpy_weights, chunk_memory=1e6)
+    torch.testing.assert_close(mixed, fused_linear_loss(hidden, weight, labels, numpy_weights))
 
 
 def test_lovasz_blocks_of_classes_match_one_block(monkeypatch):

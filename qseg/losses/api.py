@@ -8,6 +8,7 @@ obtained differs: chunk by chunk from the head, or from logits the caller alread
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +39,8 @@ class ValidTokens:
 
     @classmethod
     def select(cls, labels: Tensor, vocab: int, ignore_index: int) -> ValidTokens:
+        if not _is_int(ignore_index):
+            raise ValueError(f"ignore_index must be an int (default -100); got {ignore_index!r}")
         if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
             raise ValueError(f"labels must be an integer tensor (torch.long); got {labels.dtype}")
         per_sample = labels.flatten(1) if labels.dim() > 1 else labels[None]
@@ -54,7 +57,14 @@ class ValidTokens:
         return cls(index, valid.long(), sample, samples.numel())
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _check_shapes(features: Tensor, labels: Tensor, what: str) -> None:
+    for name, value in ((what, features), ("labels", labels)):
+        if not isinstance(value, Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor; got {type(value).__name__}")
     if not features.is_floating_point():
         raise ValueError(f"{what} must be a floating-point tensor; got {features.dtype}")
     if features.dim() < 2 or features.shape[:-1] != labels.shape:
@@ -63,6 +73,27 @@ def _check_shapes(features: Tensor, labels: Tensor, what: str) -> None:
             f"{tuple(labels.shape)}: expected {what} (*labels.shape, {what[0]}) with labels "
             f"(B, T) already aligned (no shift happens inside)"
         )
+
+
+def _normalizers(
+    num_tokens: Any, num_samples: Any, tokens: ValidTokens
+) -> tuple[int | None, int | None]:
+    """`num_tokens` and `num_samples` checked against the counts of this batch, which they
+    include (they count the whole accumulated batch, across processes)."""
+    here = {"num_tokens": tokens.index.numel(), "num_samples": tokens.num_samples}
+    given = {"num_tokens": num_tokens, "num_samples": num_samples}
+    for name, value in given.items():
+        if value is None:
+            continue
+        if isinstance(value, Tensor) and value.numel() == 1 and not value.is_floating_point():
+            value = given[name] = int(value.item())
+        if not _is_int(value) or value < here[name]:
+            what = "valid tokens" if name == "num_tokens" else "samples with a valid token"
+            raise ValueError(
+                f"{name} must be None or an int at least the {here[name]} {what} here (it "
+                f"counts those of the whole accumulated batch); got {value!r}"
+            )
+    return given["num_tokens"], given["num_samples"]
 
 
 def _mixture_loss(
@@ -78,9 +109,10 @@ def _mixture_loss(
     loss = label_logp.new_zeros(())
     if token_part:
         per_token = functional.weighted_token_loss(token_part)
-        loss = loss + per_token(label_logp).sum() / (num_tokens or label_logp.shape[0])
+        count = label_logp.shape[0] if num_tokens is None else num_tokens
+        loss = loss + per_token(label_logp).sum() / count
     if region_part:
-        share = tokens.num_samples / num_samples if num_samples else 1.0
+        share = 1.0 if num_samples is None else tokens.num_samples / num_samples
         loss = loss + functional.region_loss(region_part, stats, share)
     return loss
 
@@ -132,8 +164,10 @@ def fused_linear_loss(
         chunk_size: rows per chunk, or "auto" to let `plan_chunks` size them.
         chunk_memory: byte budget of one chunk for "auto" (None: from free memory).
         num_tokens: divide token-wise terms by this instead of the number of valid tokens
-            here (gradient accumulation: the valid tokens of the whole accumulated batch).
-        num_samples: scale region terms by (samples here) / num_samples (likewise).
+            here (gradient accumulation: the valid tokens of the whole accumulated batch),
+            so at least that number.
+        num_samples: scale region terms by (samples here) / num_samples (likewise: the
+            samples with a valid token of the whole batch).
 
     Returns:
         A 0-dim tensor, float32 (float64 for float64 inputs).
@@ -143,9 +177,13 @@ def fused_linear_loss(
     _check_shapes(hidden, labels, "hidden")
     if hidden.shape[-1] != dim:
         raise ValueError(f"hidden size {hidden.shape[-1]} does not match the head's d={dim}")
-    if bias is not None and tuple(bias.shape) != (vocab,):
-        raise ValueError(f"bias must have shape ({vocab},); got {tuple(bias.shape)}")
+    if bias is not None and (
+        not isinstance(bias, Tensor) or not bias.is_floating_point() or bias.shape != (vocab,)
+    ):
+        got = f"{bias.dtype} {tuple(bias.shape)}" if isinstance(bias, Tensor) else type(bias)
+        raise ValueError(f"bias must be a floating-point tensor of shape ({vocab},); got {got}")
     tokens = ValidTokens.select(labels, vocab, ignore_index)
+    num_tokens, num_samples = _normalizers(num_tokens, num_samples, tokens)
     if tokens.index.numel() == 0:
         head = weight.parameters() if isinstance(weight, nn.Module) else [weight]
         return _zero_loss(hidden, bias, *head)
@@ -199,7 +237,7 @@ def _fused_mixture(
     token_part, region_part = split_by_kind(mixture)
     if not region_part:
         per_token = functional.weighted_token_loss(token_part)
-        scale = 1 / (num_tokens or tokens.labels.shape[0])
+        scale = 1 / (tokens.labels.shape[0] if num_tokens is None else num_tokens)
         return engine.token_loss(
             tokens.labels, per_token, scale, rows, hiddens, weights, bias, index
         )
@@ -231,9 +269,15 @@ def _chunk_rows(
             chunk_memory=chunk_memory,
         )
         return plan.rows
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+    return _checked_chunk_size(chunk_size)
+
+
+def _checked_chunk_size(chunk_size: Any) -> int | str:
+    if chunk_size == "auto":
+        return chunk_size
+    if not _is_int(chunk_size) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int or 'auto'; got {chunk_size!r}")
-    return chunk_size
+    return int(chunk_size)
 
 
 def loss_from_logits(
@@ -253,6 +297,7 @@ def loss_from_logits(
     _check_shapes(logits, labels, "logits")
     vocab = logits.shape[-1]
     tokens = ValidTokens.select(labels, vocab, ignore_index)
+    num_tokens, num_samples = _normalizers(num_tokens, num_samples, tokens)
     if tokens.index.numel() == 0:
         return _zero_loss(logits)
     with torch.autocast(logits.device.type, enabled=False):
@@ -299,8 +344,9 @@ class FusedLinearLoss(nn.Module):
         >>> loss = loss_fn(hidden, model.lm_head, labels)
     """
 
-    # Options fixed at construction; the normalizers change per step, so forward takes them.
-    OPTIONS = ("bias", "chunk_size", "chunk_memory", "ignore_index")
+    # Options fixed at construction. The normalizers change per step and a bias belongs to
+    # the model (its parameter, moved and saved with it), so forward takes them.
+    OPTIONS = ("chunk_size", "chunk_memory", "ignore_index")
 
     def __init__(self, losses: str | dict, **options: Any):
         super().__init__()
@@ -309,8 +355,10 @@ class FusedLinearLoss(nn.Module):
         if unknown:
             raise ValueError(
                 f"unknown FusedLinearLoss option(s) {unknown}; allowed: {list(self.OPTIONS)} "
-                "(num_tokens and num_samples go to forward)"
+                "(bias, num_tokens and num_samples go to forward)"
             )
+        if "chunk_size" in options:
+            _checked_chunk_size(options["chunk_size"])
         self.options = options
 
     def forward(
@@ -319,15 +367,18 @@ class FusedLinearLoss(nn.Module):
         head: Tensor | nn.Module,
         labels: Tensor,
         *,
+        bias: Tensor | None = None,
         num_tokens: int | None = None,
         num_samples: int | None = None,
     ) -> Tensor:
-        """hidden (B, T, d), head (see `fused_linear_loss`), labels (B, T) -> 0-dim loss."""
+        """hidden (B, T, d), head (see `fused_linear_loss`), labels (B, T) -> 0-dim loss;
+        `bias` (V,) only with a weight tensor as the head."""
         return fused_linear_loss(
             hidden,
             head,
             labels,
             self.mixture,
+            bias=bias,
             num_tokens=num_tokens,
             num_samples=num_samples,
             **self.options,

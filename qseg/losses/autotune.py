@@ -18,6 +18,8 @@ their backward walks the head a second time, so larger chunks pay off more.
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 from dataclasses import asdict, dataclass
 
@@ -139,11 +141,12 @@ def plan_chunks(
                     f"(at least {MIN_TOKEN_ROWS} rows), within {why}"
                 )
     else:
-        if isinstance(chunk_memory, bool) or not isinstance(chunk_memory, int) or chunk_memory <= 0:
+        real = isinstance(chunk_memory, numbers.Real) and not isinstance(chunk_memory, bool)
+        if not real or not math.isfinite(chunk_memory) or chunk_memory < 1:
             raise ValueError(
                 f"chunk_memory must be a positive number of bytes; got {chunk_memory!r}"
             )
-        budget, why = chunk_memory, "chunk_memory given"
+        budget, why = int(chunk_memory), "chunk_memory given"
     if per_row > budget:
         raise ValueError(
             f"chunk_memory={budget} bytes cannot hold one row of logits ({per_row} bytes at "

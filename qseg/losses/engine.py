@@ -248,6 +248,17 @@ def _write_rows(dst: Tensor, rows: Rows, src: Tensor) -> None:
         dst.index_copy_(0, rows, src.to(dst.dtype))
 
 
+def _refuse_double_backward() -> None:
+    # Autograd runs a backward with grad enabled only for create_graph=True. These
+    # backwards are not differentiable: their result would silently lack the second order.
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "qseg's fused losses have no second derivative (create_graph=True, double "
+            "backward); for gradient penalties or higher-order gradients compute the loss "
+            "with loss_from_logits on the full logits"
+        )
+
+
 def _split_parts(parts: Sequence[Tensor]) -> tuple[Sequence[Tensor], Sequence[Tensor]]:
     return parts[0::2], parts[1::2]
 
@@ -297,6 +308,7 @@ class TokenLossFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_total):
+        _refuse_double_backward()
         try:
             saved = iter(ctx.saved_tensors)
         except RuntimeError as err:  # autograd's version check
@@ -335,6 +347,7 @@ class HeadColumnsFunction(torch.autograd.Function):
         n = hiddens[0].shape[0] if index is None else index.shape[0]
         k = columns.shape[0]
         lse = torch.empty(n, dtype=dtype, device=columns.device)
+        rest_lse = torch.empty(n, dtype=dtype, device=columns.device) if with_rest else None
         logp = torch.empty(n, k + with_rest, dtype=dtype, device=columns.device)
         for rows, picked in _chunks(n, chunk_rows, index):
             logits = chunk_logits(_take(hiddens, picked), weights, bias, dtype)
@@ -342,17 +355,21 @@ class HeadColumnsFunction(torch.autograd.Function):
             logp[rows, :k] = logits.index_select(1, columns).to(dtype) - lse[rows, None]
             if with_rest:  # the columns masked in place: the rest's own log-sum-exp
                 logits.index_fill_(1, columns, float("-inf"))
-                logp[rows, k] = logsumexp(logits, dtype) - lse[rows]
+                rest_lse[rows] = logsumexp(logits, dtype)
+                logp[rows, k] = rest_lse[rows] - lse[rows]
             del logits  # else it holds this chunk's buffer while the next one is made
-        # No rest (every class present, or the others at −inf) makes its lse −inf, and its
-        # term exp(z − lse_rest) NaN where z is −inf too: 0 there keeps the term 0.
-        rest_lse = (logp[:, k] + lse).nan_to_num(neginf=0.0) if with_rest else None
+        if with_rest:
+            # Kept as is, not rebuilt from logp + lse, which loses its low digits once the
+            # logits are huge. No rest (every class present, or the others at −inf) makes it
+            # −inf, and the term exp(z − lse_rest) NaN where z is −inf too: 0 keeps it 0.
+            rest_lse = rest_lse.nan_to_num(neginf=0.0)
         ctx.chunk_rows = chunk_rows
         ctx.save_for_backward(columns, index, lse, rest_lse, bias, *parts)
         return logp
 
     @staticmethod
     def backward(ctx, grad_logp):
+        _refuse_double_backward()
         # Run under autocast, its matmuls would change dtype (see `fused_linear_loss`).
         with torch.autocast(grad_logp.device.type, enabled=False):
             return HeadColumnsFunction._backward(ctx, grad_logp)

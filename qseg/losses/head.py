@@ -34,8 +34,11 @@ HEAD_KINDS = (
 def head_weight_shape(head: Tensor | nn.Module) -> tuple[int, int]:
     """(V, d) of a head, without dequantizing it."""
     if isinstance(head, Tensor):
-        if head.dim() != 2:
-            raise ValueError(f"weight must be 2-D (V, d); got shape {tuple(head.shape)}")
+        if head.dim() != 2 or not head.is_floating_point():
+            raise ValueError(
+                f"weight must be a 2-D (V, d) floating-point tensor; got {head.dtype} of "
+                f"shape {tuple(head.shape)}"
+            )
         return tuple(head.shape)
     base = _base_layer(_active_module(head))
     if not isinstance(base, nn.Linear):

@@ -8,6 +8,7 @@ A mixture is what users write (`"focal"`, `{"cross_entropy": 0.6, "lovasz": 0.4}
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -101,8 +102,13 @@ def normalize_losses(losses: str | Mapping[str, Any]) -> dict[str, dict[str, Any
     return mixture
 
 
+def _is_real(value: Any) -> bool:
+    """A real number (numpy's scalars included); not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def _check_weight(name: str, weight: Any) -> float:
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+    if not _is_real(weight):
         raise ValueError(f"weight of {name!r} must be a number >= 0; got {weight!r}")
     if not math.isfinite(weight) or weight < 0:
         raise ValueError(f"weight of {name!r} must be finite and >= 0; got {weight!r}")
@@ -129,12 +135,7 @@ def _check_params(name: str, params: dict[str, Any]) -> dict[str, Any]:
                 raise ValueError(
                     f"{name}.{key} must be one of {', '.join(ABSENT_WEIGHTS)}; got {value!r}"
                 )
-        elif (
-            isinstance(value, bool)
-            or not isinstance(value, (int, float))
-            or not math.isfinite(value)
-            or value < 0
-        ):
+        elif not _is_real(value) or not math.isfinite(value) or value < 0:
             raise ValueError(f"{name}.{key} must be a finite number >= 0; got {value!r}")
         else:
             value = float(value)
