@@ -9,9 +9,12 @@ Memory grows linearly with the chunk: peak(rows) = fixed + slope · rows. A leas
 line through the sweep separates the two, so each size's `transient_mb` (peak − fixed)
 can be set against the tuner's budget and its estimate, and `bytes_per_logit`
 (slope / V) against the tuner's `bytes_per_row / V`. The pick should be within 10% of the
-fastest size whose transient fits the budget (`within_10pct`).
+fastest size whose transient fits the budget (`within_10pct`). A token-wise plan holds its
+budget below the device's, to keep level with fused cross-entropy kernels' memory; what
+that costs in time is reported too (`fastest_in_device_budget`, `ms_vs_device_fastest`).
 
-    python -m benchmarks.autotune --device cuda --out benchmarks/results/autotune_gpu.json
+    python -m benchmarks.autotune --device cpu --out benchmarks/results/autotune_cpu.json
+    python -m benchmarks.autotune --device cuda --out benchmarks/results/gpu/autotune_gpu.json
 """
 
 from __future__ import annotations
@@ -121,7 +124,7 @@ def analyse(rows: list[dict[str, Any]]) -> list[str]:
             fastest_ms=fastest["ms"],
             within_10pct=pick["ms"] <= WITHIN * fastest["ms"],
         )
-        lines.append(
+        line = (
             f"[{tokens} tokens, V {vocab}, d {dim}, {dtype}] {loss}: "
             f"pick {pick['chunk_size']} rows ({pick['ms']:.1f} ms, transient "
             f"{pick['transient_mb']:.0f} of {pick['budget_mb']:.0f} MiB budget); "
@@ -130,7 +133,27 @@ def analyse(rows: list[dict[str, Any]]) -> list[str]:
             f"{pick['bytes_per_logit']:.1f} bytes/logit, "
             f"tuner's estimate {pick['estimated_bytes_per_logit']:.1f}"
         )
+        lines.append(line + _cost_of_a_held_budget(pick, group))
     return lines
+
+
+def _cost_of_a_held_budget(pick: dict[str, Any], group: list[dict[str, Any]]) -> str:
+    """A token-wise plan holds its budget below the device's (to Liger's memory): what
+    the fastest size within the device's whole budget would have saved. Adds its columns."""
+    device_budget = pick.get("device_budget_mb")
+    if device_budget is None or device_budget <= pick["budget_mb"]:
+        return ""
+    fitting = [r for r in group if r["transient_mb"] <= device_budget]
+    fastest = min(fitting, key=lambda r: r["ms"], default=pick)
+    pick.update(
+        fastest_in_device_budget=fastest["chunk_size"],
+        ms_vs_device_fastest=pick["ms"] / fastest["ms"],
+    )
+    return (
+        f"; within the device's whole {device_budget:.0f} MiB budget the fastest is "
+        f"{fastest['chunk_size']} rows ({fastest['ms']:.1f} ms, the pick takes "
+        f"{pick['ms_vs_device_fastest']:.2f}x)"
+    )
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
@@ -173,7 +196,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
             fontsize=9,
         )
         handles = ax.get_legend_handles_labels()[0] + mem.get_legend_handles_labels()[0]
-        ax.legend(handles=handles, fontsize=7, loc="upper center")
+        ax.legend(handles=handles, fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -186,23 +209,34 @@ def main(argv: list[str] | None = None) -> None:
     )
     common.add_output_args(parser)
     parser.add_argument(
-        "--shapes", nargs="+", help=f"heads: VxD or {', '.join(loss_memory.SHAPES)}"
+        "--shapes",
+        nargs="+",
+        type=loss_memory.shape_arg,
+        help=f"heads: VxD or {', '.join(loss_memory.SHAPES)}",
     )
-    parser.add_argument("--tokens", type=int)
-    parser.add_argument("--seq-len", type=int)
+    parser.add_argument("--tokens", type=common.positive_int)
+    parser.add_argument("--seq-len", type=common.positive_int)
     parser.add_argument("--dtype", choices=list(common.DTYPES))
-    parser.add_argument("--sizes", nargs="+", type=int, help="rows per chunk to sweep")
     parser.add_argument(
-        "--losses", nargs="+", default=["cross_entropy", "generalized_dice", "lovasz"]
+        "--sizes", nargs="+", type=common.positive_int, help="rows per chunk to sweep"
     )
-    parser.add_argument("--reps", type=int)
-    parser.add_argument("--threads", type=int, default=1, help="CPU threads per case")
+    parser.add_argument(
+        "--losses",
+        nargs="+",
+        type=common.loss_arg,
+        default=["cross_entropy", "generalized_dice", "lovasz"],
+        metavar="LOSS",
+    )
+    parser.add_argument("--reps", type=common.positive_int)
+    parser.add_argument(
+        "--threads", type=common.positive_int, default=1, help="CPU threads per case"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--plot", type=Path, help="PNG path (default: --out with .png)")
     parser.add_argument(
         "--isolate", action="store_true", help="a fresh process per case on CUDA too"
     )
-    parser.add_argument("--timeout", type=float, default=600)
+    parser.add_argument("--timeout", type=common.positive_float, default=600)
     args = parser.parse_args(argv)
 
     device = common.resolve_device(args.device)

@@ -30,6 +30,9 @@ from typing import Any
 
 import torch
 
+from qseg.losses import normalize_losses
+from qseg.losses.registry import canonical_name
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MiB = 1 << 20
 ROW_FIELDS = ("impl", "loss", "tokens", "vocab", "hidden", "dtype", "device", "peak_mb", "ms")
@@ -123,6 +126,46 @@ def mix_label(losses: str | dict[str, float]) -> str:
     if isinstance(losses, str):
         return losses
     return "+".join(f"{name}:{weight:g}" for name, weight in losses.items())
+
+
+# ------------------------------------------------------------------ argument types
+# argparse calls these on the command line, so bad input is refused before any case runs.
+
+
+def loss_arg(text: str) -> str:
+    """A loss name or alias, as its canonical name (rows and verdicts use those)."""
+    try:
+        return canonical_name(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def mix_arg(text: str) -> str:
+    """A loss mixture (`parse_mix`), checked and written with canonical names."""
+    try:
+        mix = parse_mix(text)
+        normalize_losses(mix)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    if isinstance(mix, str):
+        return canonical_name(mix)
+    return mix_label({canonical_name(name): weight for name, weight in mix.items()})
+
+
+def positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer; got {text!r}")
+    return int(text)
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive number; got {text!r}")
+    return value
 
 
 # ------------------------------------------------------------------------ measurement
@@ -244,7 +287,8 @@ def emit_row(row: dict[str, Any]) -> None:
 
 
 def error_row(case: dict[str, Any], message: str) -> dict[str, Any]:
-    row = {key: case.get(key) for key in ROW_FIELDS}
+    """The case's own fields (model, cap, ... too) with the error in place of figures."""
+    row = {**{key: None for key in ROW_FIELDS}, **case}
     row.update(peak_mb=None, ms=None, error=message)
     return row
 

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 
 from benchmarks import common
 from qseg.losses import available_losses, fused_linear_loss, loss_from_logits, plan_chunks
+from qseg.losses.autotune import default_budget
 from qseg.losses.registry import LOSSES
 
 SHAPES = {"llama3": (128256, 4096), "qwen2.5": (151936, 3584)}
@@ -128,6 +129,8 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
                 chunk_plan=plan.reason,
                 chunk_budget_mb=plan.budget_bytes / common.MiB,
                 chunk_bytes_per_row=plan.bytes_per_row,
+                # token-wise plans hold their chunks below this, the device's own budget
+                device_budget_mb=default_budget(device)[0] / common.MiB,
             )
     try:
         loss_fn = make_loss(case, labels)
@@ -154,11 +157,20 @@ def parse_shape(text: str) -> tuple[int, int]:
     if text in SHAPES:
         return SHAPES[text]
     vocab, sep, dim = text.partition("x")
-    if not (sep and vocab.isdigit() and dim.isdigit()):
+    if not (sep and vocab.isdigit() and dim.isdigit() and int(vocab) > 0 and int(dim) > 0):
         raise ValueError(
             f"shape {text!r} is neither VxD (e.g. 32000x256) nor one of {list(SHAPES)}"
         )
     return int(vocab), int(dim)
+
+
+def shape_arg(text: str) -> str:
+    """`--shapes`: a shape `parse_shape` reads, kept as written (rows name it so)."""
+    try:
+        parse_shape(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
 
 
 def parse_chunk(text: str) -> int | str:
@@ -318,18 +330,24 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     common.add_output_args(parser)
-    parser.add_argument("--shapes", nargs="+", help=f"heads: VxD or {', '.join(SHAPES)}")
-    parser.add_argument("--tokens", nargs="+", type=int, help="tokens per batch (B*T)")
-    parser.add_argument("--seq-len", type=int, help="T; the batch is tokens / T")
+    parser.add_argument(
+        "--shapes", nargs="+", type=shape_arg, help=f"heads: VxD or {', '.join(SHAPES)}"
+    )
+    parser.add_argument(
+        "--tokens", nargs="+", type=common.positive_int, help="tokens per batch (B*T)"
+    )
+    parser.add_argument("--seq-len", type=common.positive_int, help="T; the batch is tokens / T")
     parser.add_argument("--dtype", choices=list(common.DTYPES))
     parser.add_argument("--chunk-size", type=parse_chunk, help="qseg rows per chunk, or auto")
-    parser.add_argument("--reps", type=int, help="timed calls per case (median)")
-    parser.add_argument("--losses", nargs="+", default=available_losses())
+    parser.add_argument("--reps", type=common.positive_int, help="timed calls per case (median)")
+    parser.add_argument(
+        "--losses", nargs="+", type=common.loss_arg, default=available_losses(), metavar="LOSS"
+    )
     parser.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--threads",
-        type=int,
+        type=common.positive_int,
         default=1,
         help="CPU threads per case (default 1: on a shared machine, more threads "
         "make times depend on other load)",
@@ -339,7 +357,9 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="a fresh process per case on CUDA too (always on CPU)",
     )
-    parser.add_argument("--timeout", type=float, default=600, help="seconds per isolated case")
+    parser.add_argument(
+        "--timeout", type=common.positive_float, default=600, help="seconds per isolated case"
+    )
     args = parser.parse_args(argv)
 
     if args.case:

@@ -664,31 +664,50 @@ def main(argv: list[str] | None = None) -> None:
     )
     common.add_output_args(parser)
     parser.add_argument("--models", nargs="+", choices=list(MODELS))
-    parser.add_argument("--layers", type=int, help="build only this many decoder layers (reported)")
-    parser.add_argument("--caps", nargs="+", type=float, default=[8, 12, 16, 24], help="GB, CUDA")
     parser.add_argument(
-        "--mixes", nargs="+", default=list(MIXES), help="losses: a name or name:weight+name:weight"
+        "--layers", type=common.positive_int, help="build only this many decoder layers (reported)"
+    )
+    parser.add_argument(
+        "--caps", nargs="+", type=common.positive_float, default=[8, 12, 16, 24], help="GB, CUDA"
+    )
+    parser.add_argument(
+        "--mixes",
+        nargs="+",
+        type=common.mix_arg,
+        default=list(MIXES),
+        metavar="MIX",
+        help="losses: a name or name:weight+name:weight",
     )
     parser.add_argument("--impls", nargs="+", default=["qseg", "naive"], choices=IMPLS)
-    parser.add_argument("--tokens", nargs="+", type=int, help="CPU: trial lengths")
-    parser.add_argument("--granularity", type=int, default=512, help="lengths are multiples")
+    parser.add_argument("--tokens", nargs="+", type=common.positive_int, help="CPU: trial lengths")
+    parser.add_argument(
+        "--granularity", type=common.positive_int, default=512, help="lengths are multiples"
+    )
     parser.add_argument(
         "--resolution", type=float, default=0.05, help="stop when the bracket is this narrow"
     )
-    parser.add_argument("--start-tokens", type=int, default=4096, help="first probe")
-    parser.add_argument("--max-tokens", type=int, default=131072, help="longest length tried")
-    parser.add_argument("--jobs", type=int, default=3, help="concurrent trials on the card")
+    parser.add_argument(
+        "--start-tokens", type=common.positive_int, default=4096, help="first probe"
+    )
+    parser.add_argument(
+        "--max-tokens", type=common.positive_int, default=131072, help="longest length tried"
+    )
+    parser.add_argument(
+        "--jobs", type=common.positive_int, default=3, help="concurrent trials on the card"
+    )
     parser.add_argument(
         "--time-budget",
-        type=float,
+        type=common.positive_float,
         default=math.inf,
         help="seconds; then no new trials, and brackets are reported",
     )
     parser.add_argument(
         "--resume", type=Path, help="an earlier run's JSON: go on from its brackets (CUDA)"
     )
-    parser.add_argument("--trial-timeout", type=float, default=300)
-    parser.add_argument("--threads", type=int, default=1, help="CPU threads per trial")
+    parser.add_argument("--trial-timeout", type=common.positive_float, default=300)
+    parser.add_argument(
+        "--threads", type=common.positive_int, default=1, help="CPU threads per trial"
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 

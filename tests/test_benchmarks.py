@@ -327,3 +327,142 @@ def test_a_case_that_fails_is_a_row_and_the_others_still_run(monkeypatch, capsys
     rows = loss_memory.run_all(cases, torch.device("cpu"), isolate=False, timeout=1)
     assert rows[0]["error"] == "RuntimeError: a kernel bug" and rows[0]["device"] == "cpu"
     assert common.measured(rows[1])
+
+
+# --- the verdicts, on rows whose figures are known --------------------------------------
+
+
+def gpu_row(impl: str, loss: str, peak_mb: float, ms: float) -> dict:
+    shape = dict(tokens=8192, vocab=128256, hidden=4096, dtype="bfloat16", device="H100")
+    return dict(shape, impl=impl, loss=loss, peak_mb=peak_mb, ms=ms)
+
+
+def test_the_targets_against_liger_use_each_loss_kind_s_bounds() -> None:
+    from benchmarks import loss_memory
+
+    rows = [
+        gpu_row("liger", "cross_entropy", 1000.0, 50.0),
+        gpu_row("torch", "cross_entropy", 12000.0, 40.0),
+        gpu_row("qseg", "cross_entropy", 1000.0, 59.0),  # 1.0x memory, 1.18x time: pass
+        gpu_row("qseg", "focal", 1010.0, 50.0),  # 1.01x memory: over the token-wise 1.0x
+        gpu_row("qseg", "lovasz", 1400.0, 79.0),  # 1.4x, 1.58x: within the region bounds
+        gpu_row("qseg", "generalized_dice", 1400.0, 81.0),  # 1.62x time: over 1.6x
+    ]
+    loss_memory.add_ratios(rows)
+    lines = loss_memory.check_criteria(rows)
+    qseg = {row["loss"]: row for row in rows if row["impl"] == "qseg"}
+    assert qseg["cross_entropy"]["ms_vs_liger"] == pytest.approx(59 / 50)
+    assert qseg["cross_entropy"]["peak_vs_torch_ce"] == pytest.approx(1000 / 12000)
+    assert qseg["cross_entropy"]["ms_vs_torch_ce"] == pytest.approx(59 / 40)
+    passed = {loss: row["issue5_pass"] for loss, row in qseg.items()}
+    assert passed == {
+        "cross_entropy": True,
+        "focal": False,
+        "lovasz": True,
+        "generalized_dice": False,
+    }
+    assert len(lines) == 4 and "lovasz (region): peak 1.40x Liger (<= 1.5)" in lines[2]
+
+
+def test_the_tuner_s_pick_is_judged_against_the_fastest_size_in_its_budget() -> None:
+    from benchmarks import autotune
+
+    def row(size, peak_mb, ms, **pick) -> dict:
+        fields = dict(impl="qseg", loss="cross_entropy", chunk_size=size, valid_tokens=4096)
+        return {**gpu_row("qseg", "cross_entropy", peak_mb, ms), **fields, **pick}
+
+    plan = dict(chunk_budget_mb=65.0, chunk_bytes_per_row=2**18, device_budget_mb=384.0)
+    # peak = 1000 MiB fixed + 0.25 MiB per row: 256 rows fit 65 MiB, 512 rows do not
+    sweep = [row(256, 1064.0, 60.0), row(512, 1128.0, 45.0), row(1024, 1256.0, 40.0)]
+    for pick_ms, within in ((64.0, True), (70.0, False)):
+        rows = [*map(dict, sweep), row(224, 1056.0, pick_ms, **plan)]
+        (line,) = autotune.analyse(rows)
+        pick = rows[-1]
+        assert [r["fits_budget"] for r in rows] == [True, False, False, True]
+        assert pick["fastest_chunk"] == 256 and pick["within_10pct"] is within
+        # What holding the budget below the device's costs: 1024 rows fit 384 MiB.
+        assert pick["fastest_in_device_budget"] == 1024
+        assert pick["ms_vs_device_fastest"] == pytest.approx(pick_ms / 40)
+        assert "the fastest is 1024 rows" in line
+
+
+def test_the_memory_call_starts_from_a_reset(monkeypatch) -> None:
+    """Gradients the warm-up left would make the measured call's look free."""
+    events = []
+    monkeypatch.setattr(common, "peak_added_mb", lambda call, device: events.append("peak") or 1.0)
+    common.measure(
+        lambda: events.append("call"), lambda: events.append("reset"), torch.device("cpu"), 2
+    )
+    assert events == ["reset", "call", "reset", "peak", "reset", "call", "reset", "call"]
+
+
+@pytest.mark.parametrize(
+    ("module", "argv", "message"),
+    [
+        ("loss_memory", ["--losses", "ce", "dicee"], "unknown loss 'dicee'"),
+        ("loss_memory", ["--tokens", "0"], "--tokens: expected a positive integer"),
+        ("loss_memory", ["--shapes", "foo"], "shape 'foo' is neither VxD"),
+        ("loss_memory", ["--reps", "0"], "--reps: expected a positive integer"),
+        ("autotune", ["--sizes", "64", "-1"], "--sizes: expected a positive integer"),
+        ("max_context", ["--mixes", "cross_entropy:0.6+lovsz:0.4"], "unknown loss 'lovsz'"),
+        ("max_context", ["--caps", "0"], "--caps: expected a positive number"),
+    ],
+)
+def test_bad_flags_are_refused_before_any_case_runs(module, argv, message, capsys) -> None:
+    import importlib
+
+    with pytest.raises(SystemExit) as exit_:
+        importlib.import_module(f"benchmarks.{module}").main(["--device", "cpu", *argv])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_loss_aliases_become_canonical_names() -> None:
+    assert common.loss_arg("gdice") == "generalized_dice"
+    assert common.mix_arg("ce:0.6+gdice:0.4") == "cross_entropy:0.6+generalized_dice:0.4"
+    assert common.mix_arg("iou") == "jaccard"
+
+
+# --- the longest-context search on a simulated card --------------------------------------
+
+
+def test_the_gpu_search_runs_end_to_end_on_a_simulated_card(tmp_path, monkeypatch, capsys):
+    """`max_context.main` with CUDA and its trials simulated: concurrent trials, brackets
+    shared between caps, rows written as they come, ratios, and an unsloth row."""
+    import threading
+    import types
+
+    model_mb, per_token = 5500.0, {"qseg": 0.45, "naive": 0.9}
+    trials, lock = [], threading.Lock()
+
+    def trial(module, case, timeout):
+        with lock:
+            trials.append(case)
+        need = model_mb + per_token[case["impl"]] * case["tokens"]
+        row = dict(case, model_mb=model_mb)
+        if need > case["cap_gb"] * 1024:
+            return dict(row, status="oom", oom_stage="step")
+        return dict(row, status="ok", total_peak_mb=need, peak_mb=need - model_mb, ms=1.0)
+
+    card = types.SimpleNamespace(total_memory=80 * 2**30)
+    monkeypatch.setattr(common, "run_isolated", trial)
+    monkeypatch.setattr(common, "resolve_device", lambda name: torch.device("cuda"))
+    monkeypatch.setattr(common, "device_name", lambda device: "Simulated 80 GB card")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: card)
+    out = tmp_path / "max_context.json"
+    argv = ["--caps", "16", "24", "--mixes", "ce", "lovasz", "--jobs", "4", "--out", str(out)]
+    max_context.main([*argv, "--impls", "qseg", "naive", "unsloth"])
+
+    rows = json.loads(out.read_text())
+    searched = [r for r in rows if r["impl"] != "unsloth"]
+    assert len(searched) == 8 and len(rows) == 10
+    for row in searched:
+        limit = (row["cap_gb"] * 1024 - model_mb) / per_token[row["impl"]]
+        assert row["converged"] and row["tokens"] <= limit < row["oom_tokens"]
+        assert row["oom_tokens"] - row["tokens"] <= max(512, 0.05 * row["tokens"])
+        assert row["device"] == "Simulated 80 GB card" and row["model"] == "llama3.1-8b"
+    qseg_ce = next(r for r in searched if r["impl"] == "qseg" and r["cap_gb"] == 24)
+    naive_ce = next(r for r in searched if r["impl"] == "naive" and r["cap_gb"] == 24)
+    assert qseg_ce["vs_naive"] == pytest.approx(qseg_ce["tokens"] / naive_ce["tokens"])
+    assert all("pretrained" in r["skipped"] for r in rows if r["impl"] == "unsloth")
+    assert len(trials) <= 40  # predictions and shared brackets keep the search short
+    assert "| model | layers |" in capsys.readouterr().out
