@@ -164,11 +164,23 @@ def test_compiled_kernels_match_eager(dtype, monkeypatch):
                 loss = fused_linear_loss(hidden, weight, labels, case, chunk_size=24)
                 results[compiled] = [loss, *grads(loss, hidden, weight)]
         assert_close(results[True], results[False], **tol)
-    assert set(engine._COMPILED) == {
-        engine._logsumexp,
-        engine._scaled_softmax_,
-        engine._scaled_softmaxes_,
-    }
+    assert set(engine._COMPILED) == {engine._logsumexp, engine._scaled_softmax_}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_rest_of_the_vocabulary_has_its_own_log_sum_exp(dtype):
+    """In place for float32 logits, through the kernel for half ones (CUDA's); −inf for a
+    row whose classes outside the columns are all at −inf."""
+    from qseg.losses import engine
+
+    logits = (10 * torch.randn(3, 50, generator=torch.Generator().manual_seed(0))).to(dtype)
+    columns = torch.tensor([0, 3, 4, 7])
+    others = torch.ones(50, dtype=torch.bool).index_fill(0, columns, False)
+    logits[2, others] = float("-inf")
+    expected = torch.logsumexp(logits.float()[:, others], dim=1)
+    rest = engine._rest_logsumexp_(logits, columns, torch.float32, engine._logsumexp)
+    assert rest.dtype == torch.float32 and rest[2] == float("-inf")
+    torch.testing.assert_close(rest, expected)
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)

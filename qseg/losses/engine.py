@@ -123,6 +123,23 @@ def _logsumexp(logits: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.logsumexp(logits.to(dtype), dim=1)
 
 
+def _rest_logsumexp_(
+    logits: Tensor, columns: Tensor, dtype: torch.dtype, logsumexp: Callable
+) -> Tensor:
+    """(chunk,) log Σ_{c ∉ columns} exp(z_c), the rest of the vocabulary's own log-sum-exp
+    (−inf where it has no finite logit), computed over the logits, which it overwrites.
+
+    Logits already in `dtype` are exponentiated in place: torch.logsumexp would make a
+    (chunk, V) temporary. Half logits (CUDA) go through `logsumexp`, the kernel that reads
+    them in `dtype`."""
+    logits.index_fill_(1, columns, float("-inf"))
+    if logits.dtype != dtype:
+        return logsumexp(logits, dtype)
+    top = logits.amax(1)
+    top = torch.where(top > float("-inf"), top, 0.0)  # no rest: exp(−inf − 0) sums to 0
+    return logits.sub_(top[:, None]).exp_().sum(1).log_().add_(top)
+
+
 def _scaled_softmax_(logits: Tensor, lse: Tensor, scale: Tensor) -> None:
     """logits ← scale_t · p_t, in place: the softmax part of every logit gradient.
 
@@ -130,18 +147,6 @@ def _scaled_softmax_(logits: Tensor, lse: Tensor, scale: Tensor) -> None:
     temporary, a half one through one float32 temporary (none when compiled)."""
     p = logits.to(lse.dtype)
     logits.copy_(p.sub_(lse[:, None]).exp_().mul_(scale[:, None]))
-
-
-def _scaled_softmaxes_(
-    logits: Tensor, lse: Tensor, scale: Tensor, rest_lse: Tensor, rest_scale: Tensor
-) -> None:
-    """logits ← scale_t · p_t + rest_scale_t · exp(z − rest_lse_t), in place: the same with
-    the gradient of the rest's log-probability (its entries outside the rest are overwritten
-    afterwards, overflow included). Its one float32 temporary is no more than the forward's
-    log-sum-exp takes, so the tuner's bytes per logit hold (measured on CPU: 8.1)."""
-    rest = logits.to(lse.dtype).sub(rest_lse[:, None]).exp_().mul_(rest_scale[:, None])
-    p = logits.to(lse.dtype)
-    logits.copy_(p.sub_(lse[:, None]).exp_().mul_(scale[:, None]).add_(rest))
 
 
 # On CUDA the two elementwise passes above run as compiled (fused) kernels: each then
@@ -353,16 +358,13 @@ class HeadColumnsFunction(torch.autograd.Function):
             logits = chunk_logits(_take(hiddens, picked), weights, bias, dtype)
             lse[rows] = logsumexp(logits, dtype)
             logp[rows, :k] = logits.index_select(1, columns).to(dtype) - lse[rows, None]
-            if with_rest:  # the columns masked in place: the rest's own log-sum-exp
-                logits.index_fill_(1, columns, float("-inf"))
-                rest_lse[rows] = logsumexp(logits, dtype)
+            if with_rest:
+                rest_lse[rows] = _rest_logsumexp_(logits, columns, dtype, logsumexp)
                 logp[rows, k] = rest_lse[rows] - lse[rows]
             del logits  # else it holds this chunk's buffer while the next one is made
-        if with_rest:
-            # Kept as is, not rebuilt from logp + lse, which loses its low digits once the
-            # logits are huge. No rest (every class present, or the others at −inf) makes it
-            # −inf, and the term exp(z − lse_rest) NaN where z is −inf too: 0 keeps it 0.
-            rest_lse = rest_lse.nan_to_num(neginf=0.0)
+        # rest_lse is kept as is, not rebuilt from logp + lse, which loses its low digits
+        # once the logits are huge. It is −inf where there is no rest (every class present,
+        # or the others at −inf).
         ctx.chunk_rows = chunk_rows
         ctx.save_for_backward(columns, index, lse, rest_lse, bias, *parts)
         return logp
@@ -379,7 +381,11 @@ class HeadColumnsFunction(torch.autograd.Function):
         columns, index, lse, rest_lse, bias, *parts = ctx.saved_tensors
         hiddens, weights = _split_parts(parts)
         scaled_softmax_ = _kernel(_scaled_softmax_, lse.device)
-        scaled_softmaxes_ = _kernel(_scaled_softmaxes_, lse.device)
+        if rest_lse is not None:
+            # The exponent's origin off the columns: rest_lse, or 0 where there is no rest
+            # (z is −inf there, so exp(z − 0) = 0 where exp(z − rest_lse) would be NaN).
+            has_rest = rest_lse > float("-inf")
+            rest_origin = torch.where(has_rest, rest_lse, 0.0)
         sink = _GradientSink(hiddens, weights, bias, ctx.needs_input_grad[4:])
         k = columns.shape[0]
         for rows, picked in _chunks(lse.shape[0], ctx.chunk_rows, index):
@@ -391,9 +397,13 @@ class HeadColumnsFunction(torch.autograd.Function):
                 scaled_softmax_(logits, lse[rows], scale)
                 logits.index_add_(1, columns, g.to(logits.dtype))
             else:
-                # The columns' entries are written whole: the rest's term overflows there.
+                # Off the columns dz = scale · p + g_rest · exp(z − rest_lse), and there
+                # p = exp(z − rest_lse) · exp(rest_lse − lse), a factor ≤ 1 per row: so dz is
+                # one scaled exponential of z − rest_lse. The columns' entries (where it
+                # may overflow) are written whole after.
                 p = (logits.index_select(1, columns).to(lse.dtype) - lse[rows, None]).exp()
-                scaled_softmaxes_(logits, lse[rows], scale, rest_lse[rows], g[:, k])
+                to_p = torch.where(has_rest[rows], (rest_lse[rows] - lse[rows]).exp(), 0.0)
+                scaled_softmax_(logits, rest_origin[rows], scale * to_p + g[:, k])
                 columns_grad = g[:, :k] + p * scale[:, None]
                 logits.index_copy_(1, columns, columns_grad.to(logits.dtype))
             sink.add(logits, chunk, picked)
