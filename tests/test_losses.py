@@ -168,9 +168,9 @@ def test_compiled_kernels_match_eager(dtype, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_rest_of_the_vocabulary_has_its_own_log_sum_exp(dtype):
-    """In place for float32 logits, through the kernel for half ones (CUDA's); −inf for a
-    row whose classes outside the columns are all at −inf."""
+def test_log_sum_exps_that_consume_the_logits(dtype):
+    """In place for float32 logits, through the kernel for half ones (CUDA's); the rest of
+    the vocabulary's is −inf for a row whose classes outside the columns are all at −inf."""
     from qseg.losses import engine
 
     logits = (10 * torch.randn(3, 50, generator=torch.Generator().manual_seed(0))).to(dtype)
@@ -178,9 +178,12 @@ def test_the_rest_of_the_vocabulary_has_its_own_log_sum_exp(dtype):
     others = torch.ones(50, dtype=torch.bool).index_fill(0, columns, False)
     logits[2, others] = float("-inf")
     expected = torch.logsumexp(logits.float()[:, others], dim=1)
-    rest = engine._rest_logsumexp_(logits, columns, torch.float32, engine._logsumexp)
+    rest = logits.index_fill(1, columns, float("-inf"))
+    rest = engine._consuming_logsumexp(rest, torch.float32, engine._logsumexp)
     assert rest.dtype == torch.float32 and rest[2] == float("-inf")
     torch.testing.assert_close(rest, expected)
+    whole = engine._consuming_logsumexp(logits.clone(), torch.float32, engine._logsumexp)
+    torch.testing.assert_close(whole, torch.logsumexp(logits.float(), dim=1))
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)

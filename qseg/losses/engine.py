@@ -123,20 +123,16 @@ def _logsumexp(logits: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.logsumexp(logits.to(dtype), dim=1)
 
 
-def _rest_logsumexp_(
-    logits: Tensor, columns: Tensor, dtype: torch.dtype, logsumexp: Callable
-) -> Tensor:
-    """(chunk,) log Σ_{c ∉ columns} exp(z_c), the rest of the vocabulary's own log-sum-exp
-    (−inf where it has no finite logit), computed over the logits, which it overwrites.
+def _consuming_logsumexp(logits: Tensor, dtype: torch.dtype, logsumexp: Callable) -> Tensor:
+    """(chunk,) log Σ_v exp(z_v), −inf for a row of −inf only; it may overwrite the logits.
 
     Logits already in `dtype` are exponentiated in place: torch.logsumexp would make a
     (chunk, V) temporary. Half logits (CUDA) go through `logsumexp`, the kernel that reads
     them in `dtype`."""
-    logits.index_fill_(1, columns, float("-inf"))
     if logits.dtype != dtype:
         return logsumexp(logits, dtype)
     top = logits.amax(1)
-    top = torch.where(top > float("-inf"), top, 0.0)  # no rest: exp(−inf − 0) sums to 0
+    top = torch.where(top > float("-inf"), top, 0.0)  # a row of −inf: exp(−inf − 0) sums to 0
     return logits.sub_(top[:, None]).exp_().sum(1).log_().add_(top)
 
 
@@ -356,11 +352,18 @@ class HeadColumnsFunction(torch.autograd.Function):
         logp = torch.empty(n, k + with_rest, dtype=dtype, device=columns.device)
         for rows, picked in _chunks(n, chunk_rows, index):
             logits = chunk_logits(_take(hiddens, picked), weights, bias, dtype)
-            lse[rows] = logsumexp(logits, dtype)
-            logp[rows, :k] = logits.index_select(1, columns).to(dtype) - lse[rows, None]
+            at_columns = logits.index_select(1, columns).to(dtype)
+            # The backward recomputes the logits: their log-sum-exp may consume them.
             if with_rest:
-                rest_lse[rows] = _rest_logsumexp_(logits, columns, dtype, logsumexp)
-                logp[rows, k] = rest_lse[rows] - lse[rows]
+                logits.index_fill_(1, columns, float("-inf"))
+                rest_lse[rows] = _consuming_logsumexp(logits, dtype, logsumexp)
+                # The whole vocabulary's from its two parts: a sum, nothing cancels.
+                whole = torch.logaddexp(rest_lse[rows], torch.logsumexp(at_columns, dim=1))
+                lse[rows] = whole
+                logp[rows, k] = rest_lse[rows] - whole
+            else:
+                lse[rows] = _consuming_logsumexp(logits, dtype, logsumexp)
+            logp[rows, :k] = at_columns - lse[rows, None]
             del logits  # else it holds this chunk's buffer while the next one is made
         # rest_lse is kept as is, not rebuilt from logp + lse, which loses its low digits
         # once the logits are huge. It is −inf where there is no rest (every class present,
