@@ -145,7 +145,7 @@ def _scaled_softmax_(logits: Tensor, lse: Tensor, scale: Tensor) -> None:
     logits.copy_(p.sub_(lse[:, None]).exp_().mul_(scale[:, None]))
 
 
-# On CUDA the two elementwise passes above run as compiled (fused) kernels: each then
+# On CUDA `_logsumexp` and `_scaled_softmax_` run as compiled (fused) kernels: each then
 # reads the half-precision logits once instead of making several float32 passes, and the
 # in-place one writes its result over its input with no temporary.
 # QSEG_COMPILE=0 turns this off; a failed compilation falls back to eager, with a warning.
