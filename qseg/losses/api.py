@@ -78,22 +78,26 @@ def _check_shapes(features: Tensor, labels: Tensor, what: str) -> None:
 def _normalizers(
     num_tokens: Any, num_samples: Any, tokens: ValidTokens
 ) -> tuple[int | None, int | None]:
-    """`num_tokens` and `num_samples` checked against the counts of this batch, which they
-    include (they count the whole accumulated batch, across processes)."""
-    here = {"num_tokens": tokens.index.numel(), "num_samples": tokens.num_samples}
-    given = {"num_tokens": num_tokens, "num_samples": num_samples}
-    for name, value in given.items():
-        if value is None:
-            continue
-        if isinstance(value, Tensor) and value.numel() == 1 and not value.is_floating_point():
-            value = given[name] = int(value.item())
-        if not _is_int(value) or value < here[name]:
-            what = "valid tokens" if name == "num_tokens" else "samples with a valid token"
-            raise ValueError(
-                f"{name} must be None or an int at least the {here[name]} {what} here (it "
-                f"counts those of the whole accumulated batch); got {value!r}"
-            )
-    return given["num_tokens"], given["num_samples"]
+    """`num_tokens` and `num_samples` checked: they count the whole accumulated batch
+    (across processes too), so at least this batch's valid tokens and samples."""
+    samples = "samples with a valid token"
+    return (
+        _checked_count("num_tokens", num_tokens, tokens.index.numel(), "valid tokens"),
+        _checked_count("num_samples", num_samples, tokens.num_samples, samples),
+    )
+
+
+def _checked_count(name: str, value: Any, here: int, what: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, Tensor) and value.numel() == 1 and not value.is_floating_point():
+        value = value.item()
+    if not _is_int(value) or value < here:
+        raise ValueError(
+            f"{name} must be None or an int at least the {here} {what} here (it counts those "
+            f"of the whole accumulated batch); got {value!r}"
+        )
+    return int(value)
 
 
 def _mixture_loss(
