@@ -144,12 +144,12 @@ def mix_arg(text: str) -> str:
     """A loss mixture (`parse_mix`), checked and written with canonical names."""
     try:
         mix = parse_mix(text)
-        normalize_losses(mix)
+        terms = normalize_losses(mix)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
     if isinstance(mix, str):
-        return canonical_name(mix)
-    return mix_label({canonical_name(name): weight for name, weight in mix.items()})
+        return next(iter(terms))
+    return mix_label({name: term["weight"] for name, term in terms.items()})
 
 
 def positive_int(text: str) -> int:

@@ -120,7 +120,7 @@ def load_result(path: str | Path) -> RunResult:
         )
     if path.is_file() and path.name != RUN_FILE:
         return _load_report(path)
-    run_dir = path.parent if path.name == RUN_FILE else path
+    run_dir = _run_dir(path)
     run = read_run(run_dir)
     if not isinstance(run.get("eval"), dict) or not run["eval"]:
         raise ValueError(
@@ -131,6 +131,11 @@ def load_result(path: str | Path) -> RunResult:
     loss = run.get("loss") or run["config"].get("loss")
     scored = _scored(run["config"].get("dataset"), run["config"].get("eval_split"))
     return RunResult(run_dir.name, loss_label(loss), run["eval"], scored)
+
+
+def _run_dir(path: Path) -> Path:
+    """A run dir given as itself or as its run.json."""
+    return path.parent if path.name == RUN_FILE else path
 
 
 def _load_report(path: Path) -> RunResult:
@@ -254,8 +259,7 @@ def _distinct(runs: Sequence[str]) -> list[str]:
     """``runs`` without repeats of one run (given twice, or as its dir and its run.json)."""
     seen: dict[Path, str] = {}
     for run in runs:
-        path = Path(run).expanduser().resolve()
-        key = path.parent if path.name == RUN_FILE else path
+        key = _run_dir(Path(run).expanduser().resolve())
         if key in seen:
             print(f"warning: {run} is {seen[key]} again; it is shown once", file=sys.stderr)
         else:

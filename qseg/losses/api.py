@@ -262,6 +262,7 @@ def _chunk_rows(
     mixture: dict,
 ) -> int:
     """Rows per chunk: `chunk_size` checked, or the tuner's pick for the head's dtype."""
+    chunk_size = _checked_chunk_size(chunk_size)
     if chunk_size == "auto":
         plan = plan_chunks(
             tokens.index.numel(),
@@ -273,7 +274,7 @@ def _chunk_rows(
             chunk_memory=chunk_memory,
         )
         return plan.rows
-    return _checked_chunk_size(chunk_size)
+    return chunk_size
 
 
 def _checked_chunk_size(chunk_size: Any) -> int | str:
