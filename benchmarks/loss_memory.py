@@ -123,7 +123,15 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
     if case["impl"] == "qseg":
         row["chunk_size"] = case["chunk_size"]
         if case["chunk_size"] == "auto":  # the rows fused_linear_loss will pick, and why
-            plan = plan_chunks(row["valid_tokens"], vocab, dim, dtype, case["loss"], device=device)
+            plan = plan_chunks(
+                row["valid_tokens"],
+                vocab,
+                dim,
+                dtype,
+                case["loss"],
+                device=device,
+                positions=batch * seq_len,
+            )
             row.update(
                 chunk_size=plan.rows,
                 chunk_plan=plan.reason,

@@ -234,6 +234,7 @@ class LossTrainer(Trainer):
         # transformers < 5.24 has no `loss_is_scaled_for_ga` and reads this flag instead.
         self.model_accepts_loss_kwargs = True
         self.largest_batch = TargetCounts()  # the most of each count in one micro-batch
+        self.largest_positions = 0  # the most (B·T) positions in one micro-batch
 
     def get_batch_samples(
         self, epoch_iterator: Iterator, num_batches: int, device: torch.device
@@ -242,6 +243,8 @@ class LossTrainer(Trainer):
         batches, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
         per_batch = [TargetCounts.of(batch) for batch in batches]
         self.largest_batch = functools.reduce(TargetCounts.most, per_batch, self.largest_batch)
+        positions = [batch["input_ids"].numel() for batch in batches]
+        self.largest_positions = max([self.largest_positions, *positions])
         counts = sum(per_batch, TargetCounts())
         if self._normalizes_across_processes():
             per_process = self.accelerator.gather(torch.tensor(counts.as_tuple(), device=device))
@@ -316,7 +319,15 @@ class LossTrainer(Trainer):
             if tokens == 0:
                 continue
             device = self.accelerator.device
-            plan = plan_chunks(tokens, vocab, hidden_dim, dtype, terms, device=device)
+            plan = plan_chunks(
+                tokens,
+                vocab,
+                hidden_dim,
+                dtype,
+                terms,
+                device=device,
+                positions=max(tokens, self.largest_positions),
+            )
             plans[scope] = {"scored_tokens": tokens, **plan.as_dict()}
         return plans
 

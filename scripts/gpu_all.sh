@@ -11,7 +11,7 @@ bash scripts/gpu_check.sh
 # gpu_max_context.sh ends within its search time plus 140 s.
 left=$((${TOTAL_SECONDS:-570} - (SECONDS - start) - 140))
 if [ "$left" -ge 30 ]; then
-  SEARCH_SECONDS=$left bash scripts/gpu_max_context.sh 16 24
+  SEARCH_SECONDS=$left bash scripts/gpu_max_context.sh
 else
   echo "no time left to go on with the longest-context search (${left} s)"
 fi

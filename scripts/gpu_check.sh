@@ -14,6 +14,7 @@ set -u
 export PYTHONPATH="$PWD/.gpu-site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 out=${OUT:-benchmarks/results/gpu}
+committed_context=benchmarks/results/gpu/max_context_gpu.json
 steps=$(mktemp -d)
 mkdir -p "$out"
 summary=()
@@ -58,8 +59,11 @@ EOF
   step autotune 70 python3 -m benchmarks.autotune --device cuda --shapes llama3 --tokens 8192 \
     --sizes 128 256 512 1024 2048 --reps 3 --out "$out/autotune_gpu.json" --overwrite
   # The search stops launching trials at --time-budget; in-flight ones end within --trial-timeout.
+  # It goes on from the committed searches (16 and 24 GB converged on 2026-11-27).
+  local resume=()
+  [ -f "$committed_context" ] && resume=(--resume "$committed_context")
   step max_context 190 python3 -m benchmarks.max_context --device cuda --models llama3.1-8b \
-    --caps 16 24 --jobs 3 --time-budget 110 --trial-timeout 75 \
+    --caps 8 12 16 24 --jobs 3 --time-budget 110 --trial-timeout 75 "${resume[@]}" \
     --out "$out/max_context_gpu.json" --overwrite
 
   echo

@@ -26,6 +26,7 @@ SHELL_VALUES = {
     "${caps[*]}": "8 12 16 24",
     "$search": "420",
     '${RESUME:+--resume "$RESUME"}': "--resume /tmp/earlier.json",
+    '"${resume[@]}"': "--resume /tmp/earlier.json",
 }
 
 

@@ -492,6 +492,35 @@ def test_one_chunk_of_logits_is_alive_at_a_time(case, grad, monkeypatch):
     assert len(alive_before) >= 3 and max(alive_before) == 0, alive_before
 
 
+@pytest.mark.parametrize("case", ["focal", "lovasz"])
+def test_gathered_rows_take_their_own_gradient(case, monkeypatch):
+    """Where positions are ignored, a chunk gathers its scored hidden rows into a (rows, d)
+    buffer; once the weight gradient has used them, that buffer takes the rows' gradient,
+    so no second (rows, d) temporary is made. The gradient stays exact."""
+    from qseg.losses import engine
+
+    take, gathered = engine._take, []
+
+    def spy(hiddens, rows):
+        parts = take(hiddens, rows)
+        if not isinstance(rows, slice):
+            gathered.append((rows, parts[0]))
+        return parts
+
+    monkeypatch.setattr(engine, "_take", spy)
+    hidden, weight, _, labels = make_batch(dtype=torch.float32)
+    fused_linear_loss(hidden, weight, labels, case, chunk_size=4).backward()
+    # The last gather of each chunk is the one its gradient is formed from (region losses
+    # gather in the forward too, for the log-probabilities only).
+    last = {tuple(rows.tolist()): buffer for rows, buffer in gathered}
+    assert len(last) >= 3
+    for rows, buffer in last.items():
+        torch.testing.assert_close(buffer, hidden.grad.view(-1, D)[list(rows)], rtol=0, atol=0)
+    monkeypatch.undo()
+    expected = grads(loss_from_logits(hidden @ weight.T, labels, case), hidden, weight)
+    assert_close((hidden.grad, weight.grad), expected, rtol=1e-4, atol=1e-6)
+
+
 def test_plan_never_breaks_its_budget():
     for vocab, dtype, budget in [
         (32000, torch.float32, 50 << 20),
@@ -511,20 +540,64 @@ def test_plan_never_breaks_its_budget():
         plan_chunks(10, 32000, 64, torch.float32, chunk_memory=1000)
 
 
-def test_token_wise_chunks_hold_no_more_logits_than_the_hidden_states(monkeypatch):
+def test_token_wise_chunks_are_no_larger_than_the_hidden_state_gradient(monkeypatch):
     from qseg.losses import autotune
 
     monkeypatch.setattr(autotune, "default_budget", lambda device: (1 << 30, "1 GiB (test)"))
     n, vocab, dim = 32768, 32000, 384
+    gradient = n * dim * 4  # float32 (n, d)
     token = plan_chunks(n, vocab, dim, torch.float32, {"cross_entropy": 0.5, "focal": 0.5})
     region = plan_chunks(n, vocab, dim, torch.float32, "lovasz")
-    assert token.rows * vocab <= n * dim < (token.rows + autotune.ROW_ALIGNMENT) * vocab
-    assert "n·d" in token.reason and token.budget_bytes < 1 << 30
+    assert token.budget_bytes == gradient and "hidden-state gradient" in token.reason
+    assert token.estimated_bytes <= gradient < token.estimated_bytes + 16 * token.bytes_per_row
     assert region.budget_bytes == 1 << 30 and region.rows > 2 * token.rows
+    # Unscored positions count: their gradient rows are allocated too.
+    few_scored = plan_chunks(1000, vocab, dim, torch.float32, "cross_entropy", positions=n)
+    assert few_scored.rows == token.rows
     short = plan_chunks(1000, vocab, dim, torch.float32, "cross_entropy")
-    assert short.rows == autotune.MIN_TOKEN_ROWS  # n·d / V would be 12 rows
+    assert short.rows == autotune.MIN_TOKEN_ROWS  # 1000 rows' gradient holds 5 rows
     given = plan_chunks(n, vocab, dim, torch.float32, "cross_entropy", chunk_memory=1 << 30)
-    assert given.rows == region.rows  # a given budget is taken as it is
+    assert given.budget_bytes == 1 << 30  # a given budget is taken as it is
+    for bad in (999, 1000.0, True):
+        with pytest.raises(ValueError, match="positions must be an int of at least"):
+            plan_chunks(1000, vocab, dim, torch.float32, "cross_entropy", positions=bad)
+
+
+def test_token_wise_chunks_at_llama3s_head_stay_level_with_liger(monkeypatch):
+    """Issue 5's shape on CUDA (planned only): 8192 positions, 10% ignored, V 128256,
+    d 4096, bf16. Liger-Kernel's chunk there is 256 rows of bf16 logits; ours, with its
+    gathered hidden rows and their gradient (2.0 bytes per logit and 16 KiB per row, as
+    the H100 sweep in benchmarks/results/gpu/autotune_gpu.json measured), must not be
+    larger, and as many rows as that allows: fewer, misaligned rows cost time there."""
+    from qseg.losses import autotune
+
+    monkeypatch.setattr(autotune, "default_budget", lambda device: (384 << 20, "384 MiB"))
+    monkeypatch.setattr(autotune, "uses_compiled_kernels", lambda device: True)
+    vocab, dim = 128256, 4096
+    plan = plan_chunks(7326, vocab, dim, torch.bfloat16, "focal", device="cuda", positions=8192)
+    assert plan.bytes_per_row == 2 * vocab + 2 * dim * 2
+    liger_chunk = 256 * vocab * 2
+    assert plan.rows == 240 and plan.estimated_bytes <= liger_chunk
+    region = plan_chunks(7326, vocab, dim, torch.bfloat16, "lovasz", device="cuda", positions=8192)
+    assert region.bytes_per_row == 4 * vocab + 2 * dim * 2  # a margin for its columns
+
+
+def test_fused_loss_plans_its_chunks_for_every_position_given(monkeypatch):
+    from qseg.losses import api
+
+    seen = []
+    real = api.plan_chunks
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["positions"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(api, "plan_chunks", spy)
+    hidden, weight, _, labels = make_batch()
+    labels = labels.clone()
+    labels[:, ::2] = -100
+    fused_linear_loss(hidden, weight, labels, "cross_entropy")
+    assert seen == [labels.numel()] and (labels != -100).sum() < labels.numel()
 
 
 def test_auto_chunks_respect_chunk_memory():

@@ -199,6 +199,20 @@ def test_target_counts_follow_the_causal_shift() -> None:
     assert TargetCounts.of(batch) == TargetCounts(answer_tokens=2, sequence_tokens=5, samples=1)
 
 
+def test_chunk_plans_count_every_position_of_the_largest_micro_batch(loaded, features, tmp_path):
+    """The recorded plan is the one the loss makes: a token-wise chunk is held to the
+    gradient of all the (B·T) hidden states given, prompt and padding included."""
+    trainer = make_trainer(loaded, tmp_path, features, "cross_entropy", "answer")
+    collate = DataCollator(loaded.tokenizer.pad_token_id)
+    batches = [collate(features[:1]), collate(features[1:])]
+    trainer.get_batch_samples(iter(batches), 2, torch.device("cpu"))
+    positions = batches[1]["input_ids"].numel()
+    assert trainer.largest_positions == positions > trainer.largest_batch.answer_tokens
+    config = loaded.model.config
+    plan = trainer.chunk_plans(config.vocab_size, config.hidden_size, torch.float32)["answer"]
+    assert f"{positions}x{config.hidden_size} hidden-state gradient" in plan["reason"]
+
+
 @pytest.mark.parametrize(
     ("loss", "ce_scope"),
     [

@@ -196,7 +196,7 @@ def fused_linear_loss(
     h = hidden.reshape(-1, dim)
     index = None if tokens.index.numel() == h.shape[0] else tokens.index
     hiddens, weights, bias = _head_parts(weight, h, bias)
-    rows = _chunk_rows(chunk_size, chunk_memory, tokens, vocab, dim, weights[0], mixture)
+    rows = _chunk_rows(chunk_size, chunk_memory, tokens, h, vocab, weights[0], mixture)
     dtype = engine.accumulation_dtype(*hiddens, *weights, bias)
     bias = bias.to(dtype) if bias is not None else None
     # The engine and the mixture manage their own precision; autocast would recast them.
@@ -256,22 +256,24 @@ def _chunk_rows(
     chunk_size: int | str,
     chunk_memory: int | None,
     tokens: ValidTokens,
+    h: Tensor,
     vocab: int,
-    dim: int,
     head_weight: Tensor,
     mixture: dict,
 ) -> int:
-    """Rows per chunk: `chunk_size` checked, or the tuner's pick for the head's dtype."""
+    """Rows per chunk: `chunk_size` checked, or the tuner's pick for the head's dtype and
+    the (N, d) hidden states `h`."""
     chunk_size = _checked_chunk_size(chunk_size)
     if chunk_size == "auto":
         plan = plan_chunks(
             tokens.index.numel(),
             vocab,
-            dim,
+            h.shape[1],
             head_weight.dtype,
             mixture,
             device=head_weight.device,
             chunk_memory=chunk_memory,
+            positions=h.shape[0],
         )
         return plan.rows
     return chunk_size

@@ -1,19 +1,22 @@
 """How many rows per chunk: the auto-tuner behind `chunk_size="auto"`.
 
 One chunk's transient memory is about `bytes_per_row = bytes_per_logit · V + 2 · d ·
-itemsize` (its logits, plus its gathered hidden rows and their gradient). The logit
+itemsize` (its logits, plus its gathered hidden rows and their gradient, which share one
+buffer unless a half head is upcast: the second d · itemsize is a margin). The logit
 gradient is written over the logits, so per logit that is, on a CPU: the logits in the
 accumulation dtype (half inputs are upcast) and one temporary of that dtype (the
 log-sum-exp's): 8 bytes, 16 for float64. On CUDA, compiled: the half logits alone, the
-fused kernels keeping their float32 values in registers, plus a margin of 2 bytes; eager
-(QSEG_COMPILE=0): the logits, their float32 upcast and the temporary, 10 bytes for bf16.
+fused kernels keeping their float32 values in registers, plus, on the recompute path, a
+margin of 2 bytes for its (rows, present classes) tensors; eager (QSEG_COMPILE=0): the
+logits, their float32 upcast and the temporary, 10 bytes for bf16.
 `benchmarks/autotune.py` checks these estimates against measured peaks.
 
 The budget comes from the memory free on the device (`default_budget`). Token-wise
-mixtures are further held to chunks whose logits have no more entries than the scored
-tokens' hidden states (n·d), as fused cross-entropy kernels do: their transient then stays
-below the hidden-state gradient they produce anyway. Region losses take the whole budget:
-their backward walks the head a second time, so larger chunks pay off more.
+mixtures are further held to chunks no larger than the hidden-state gradient they produce
+anyway, (N, d) for the N positions given, scored or not, as fused cross-entropy kernels
+hold theirs: at Llama-3's head and 8192 positions that is 240 rows, level with
+Liger-Kernel's 256-row chunk. Region losses take the whole budget: their backward walks
+the head a second time, so larger chunks pay off more.
 """
 
 from __future__ import annotations
@@ -55,20 +58,24 @@ class ChunkPlan:
         return asdict(self)
 
 
-def bytes_per_logit(dtype: torch.dtype, device: torch.device) -> int:
-    """Transient bytes per (row, vocabulary entry) of one chunk, for inputs of `dtype`."""
+def bytes_per_logit(dtype: torch.dtype, device: torch.device, token_path: bool = False) -> int:
+    """Transient bytes per (row, vocabulary entry) of one chunk, for inputs of `dtype`, on
+    the fused token-wise path or (default) the recompute path."""
     accumulate = 8 if dtype == torch.float64 else 4
     native = torch.finfo(dtype).bits // 8
     if upcasts_half_products(device):
         return 2 * accumulate
     if uses_compiled_kernels(device):
-        return native + 2
+        return native if token_path else native + 2
     return native + accumulate + (accumulate if native < accumulate else 0)
 
 
-def bytes_per_row(vocab: int, hidden_dim: int, dtype: torch.dtype, device: torch.device) -> int:
+def bytes_per_row(
+    vocab: int, hidden_dim: int, dtype: torch.dtype, device: torch.device, token_path: bool = False
+) -> int:
     """Transient bytes per row of one chunk: its logits, gathered hidden row and gradient."""
-    return bytes_per_logit(dtype, device) * vocab + 2 * hidden_dim * dtype.itemsize
+    per_logit = bytes_per_logit(dtype, device, token_path)
+    return per_logit * vocab + 2 * hidden_dim * dtype.itemsize
 
 
 def default_budget(device: torch.device) -> tuple[int, str]:
@@ -109,6 +116,7 @@ def plan_chunks(
     *,
     device: torch.device | str = "cpu",
     chunk_memory: int | None = None,
+    positions: int | None = None,
 ) -> ChunkPlan:
     """Pick rows per chunk so that one chunk's transient memory fits the budget.
 
@@ -117,28 +125,36 @@ def plan_chunks(
         vocab: V. hidden_dim: d.
         dtype: dtype of the hidden states and head.
         losses: the mixture (any form `normalize_losses` takes) or None. A token-wise
-            mixture takes the fused path, whose default budget is also held to the scored
-            hidden states' size (see the module docstring); None is treated as a region
-            mixture.
+            mixture takes the fused path, whose default budget is also held to the hidden
+            states' size (see the module docstring); None is treated as a region mixture.
         device: where the loss runs; sets the default budget.
         chunk_memory: byte budget for one chunk, taken as given; None takes
             `default_budget(device)`.
+        positions: N, the rows of hidden states given (scored or not; None: n_tokens).
+            A token-wise mixture's default budget is at most their gradient's bytes.
 
     Raises:
-        ValueError: the budget cannot hold even one row.
+        ValueError: the budget cannot hold even one row, or positions < n_tokens.
     """
     device = torch.device(device)
+    positions = n_tokens if positions is None else positions
+    integral = isinstance(positions, numbers.Integral) and not isinstance(positions, bool)
+    if not integral or positions < n_tokens:
+        raise ValueError(
+            f"positions must be an int of at least n_tokens={n_tokens}; got {positions!r}"
+        )
+    positions = int(positions)
     token_path = losses is not None and _token_only(losses)
-    per_row = bytes_per_row(vocab, hidden_dim, dtype, device)
+    per_row = bytes_per_row(vocab, hidden_dim, dtype, device, token_path)
     if chunk_memory is None:
         budget, why = default_budget(device)
         if token_path:
-            hidden_rows = max(MIN_TOKEN_ROWS, n_tokens * hidden_dim // vocab)
-            if hidden_rows * per_row < budget:
-                budget = hidden_rows * per_row
+            gradient = max(positions * hidden_dim * dtype.itemsize, MIN_TOKEN_ROWS * per_row)
+            if gradient < budget:
+                budget = gradient
                 why = (
-                    f"token-wise: logits of at most n·d = {n_tokens}·{hidden_dim} entries "
-                    f"(at least {MIN_TOKEN_ROWS} rows), within {why}"
+                    f"token-wise: at most the {positions}x{hidden_dim} hidden-state "
+                    f"gradient's bytes (at least {MIN_TOKEN_ROWS} rows), within {why}"
                 )
     else:
         real = isinstance(chunk_memory, numbers.Real) and not isinstance(chunk_memory, bool)

@@ -213,21 +213,25 @@ class _GradientSink:
         ]
 
     def add(self, dz: Tensor, chunk_hiddens: Sequence[Tensor], rows: Rows) -> None:
-        """Add one chunk's (chunk, V) logit gradient; `chunk_hiddens` are its parts' rows."""
+        """Add one chunk's (chunk, V) logit gradient; `chunk_hiddens` are its parts' rows,
+        views for a slice of rows, else the chunk's own gathered copies, which this spends."""
         casts = {dz.dtype: dz}
         for h, w, dh, dw in zip(chunk_hiddens, self.weights, self.h, self.w, strict=True):
             upcast = upcasts_half(w)
             if not upcast and w.dtype not in casts:
                 casts[w.dtype] = dz.to(w.dtype)
             dz_w = dz if upcast else casts[w.dtype]
-            if dh is not None and upcast:
-                _write_rows(dh, rows, _times_head(dz, w))
-            elif dh is not None and isinstance(rows, slice):
-                torch.mm(dz_w, w, out=dh[rows])
-            elif dh is not None:
-                dh.index_copy_(0, rows, dz_w @ w)
             if dw is not None:
                 dw.addmm_(dz_w.T, h.to(dw.dtype))
+            if dh is None:
+                continue
+            if upcast:
+                _write_rows(dh, rows, _times_head(dz, w))
+            elif isinstance(rows, slice):
+                torch.mm(dz_w, w, out=dh[rows])
+            else:
+                # dW has used the gathered rows: their buffer takes their gradient.
+                dh.index_copy_(0, rows, torch.mm(dz_w, w, out=h))
         if self.bias is not None:
             self.bias += dz.sum(0, dtype=self.bias.dtype)
 
