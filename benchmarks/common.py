@@ -232,6 +232,34 @@ def measure(
     return peak, median_ms(call, reset, device, reps)
 
 
+def kernel_profile(call: Callable[[], Any], device: torch.device, top: int = 12) -> dict:
+    """Where one call of `call` spends its time: on CUDA its kernels (device time), on a CPU
+    its operators (self CPU time), the `top` largest by name, and their totals.
+
+    `device_ms` far below the call's wall time means the device waits on the host
+    (launches, Python), not on its kernels.
+    """
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        call()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    if device.type == "cuda":
+        # Only kernels (and copies) carry self device time; the operators launching them do not.
+        events = [(e.key, e.count, e.self_device_time_total) for e in prof.key_averages()]
+        events = [e for e in events if e[2] > 0]
+    else:
+        events = [(e.key, e.count, e.self_cpu_time_total) for e in prof.key_averages()]
+    events.sort(key=lambda e: e[2], reverse=True)
+    return {
+        "device_ms": sum(e[2] for e in events) / 1e3,
+        "launches": sum(e[1] for e in events),
+        "top": [{"name": k[:100], "calls": n, "ms": us / 1e3} for k, n, us in events[:top]],
+    }
+
+
 def clear_grads(*tensors: torch.Tensor) -> Callable[[], None]:
     """A `reset` for `measure`: drop the gradients the last call left."""
 

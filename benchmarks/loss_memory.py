@@ -148,12 +148,16 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
     def step() -> None:
         loss_fn(hidden, weight).backward()
 
+    reset = common.clear_grads(hidden, weight)
     try:
-        peak, ms = common.measure(step, common.clear_grads(hidden, weight), device, case["reps"])
+        peak, ms = common.measure(step, reset, device, case["reps"])
     except (RuntimeError, torch.OutOfMemoryError) as error:
         if not common.is_oom(error):
             raise
         return {**row, "peak_mb": None, "ms": None, "error": "out of memory"}
+    if case.get("profile"):
+        reset()
+        row["profile"] = common.kernel_profile(step, device)
     return {**row, "peak_mb": peak, "ms": ms}
 
 
@@ -238,6 +242,8 @@ def build_cases(args: argparse.Namespace, device: torch.device) -> list[dict[str
     for shape in args.shapes:
         for tokens in args.tokens:
             base = dict(base_case(args, device, shape, tokens), chunk_size=args.chunk_size)
+            if args.profile:
+                base["profile"] = True
             for impl in args.impls:
                 losses = ["cross_entropy"] if impl in CE_ONLY_IMPLS else args.losses
                 cases += [dict(base, impl=impl, loss=loss) for loss in losses]
@@ -280,6 +286,18 @@ def _progress(row: dict[str, Any]) -> str:
     if not common.measured(row):
         return f"{what}: {row.get('skipped') or row.get('error')}"
     return f"{what}: {row['peak_mb']:.1f} MiB, {row['ms']:.1f} ms"
+
+
+def profile_text(row: dict[str, Any]) -> str:
+    """A profiled row's kernels, largest first, against its median wall time."""
+    profile = row["profile"]
+    what = ("operators", "CPU time") if row["device"] == "cpu" else ("kernels", "device time")
+    lines = [
+        f"\n--- {row['impl']} {row['loss']}: {profile['launches']} {what[0]}, "
+        f"{profile['device_ms']:.1f} ms of {what[1]} in one call; median wall {row['ms']:.1f} ms"
+    ]
+    lines += [f"{k['ms']:9.2f} ms {k['calls']:5d}x  {k['name']}" for k in profile["top"]]
+    return "\n".join(lines)
 
 
 def add_ratios(rows: list[dict[str, Any]]) -> None:
@@ -354,6 +372,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="after measuring, profile one more call of each case: its largest kernels "
+        "(CPU: operators) and their total device time, in the row's `profile`",
+    )
+    parser.add_argument(
         "--threads",
         type=common.positive_int,
         default=1,
@@ -387,6 +411,9 @@ def main(argv: list[str] | None = None) -> None:
     if verdicts and args.quick:
         verdicts.insert(0, "(--quick: shapes too small for these targets to mean anything)")
     print("\n".join(["", *verdicts]) if verdicts else "")
+    for row in rows:
+        if "profile" in row:
+            print(profile_text(row))
     if args.out:
         common.write_json(rows, args.out)
     # Running out of memory is a result; a crashed case is a failure of the benchmark.

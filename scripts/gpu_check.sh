@@ -6,8 +6,9 @@
 # Packages the GPU image lacks (bitsandbytes, datasets, liger-kernel, cut-cross-entropy,
 # unsloth) come from .gpu-site, built here by ../shared/scripts/gpu-site.sh and carried.
 # Every step runs under `timeout`; a failed step does not stop the next, and the end
-# prints a summary. Results go to ${OUT:-benchmarks/results/gpu}, flat, five files:
-#   gpu_check.log  loss_memory_gpu.json  autotune_gpu.json  autotune_gpu.png  max_context_gpu.json
+# prints a summary. Results go to ${OUT:-benchmarks/results/gpu}, flat, six files:
+#   gpu_check.log  loss_memory_gpu.json  autotune_gpu.json  autotune_gpu.png
+#   profile_gpu.json (the largest kernels of qseg's and Liger's calls)  max_context_gpu.json
 # At most 8 minutes (the sum of the timeouts). For a max_context run that converges on
 # every cap, use scripts/gpu_max_context.sh in a call of its own.
 set -u
@@ -37,7 +38,7 @@ step() {
 main() {
   date -u +"%Y-%m-%d %H:%M UTC"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-  step env 45 python3 - <<'EOF'  # cold imports took over 20 s on the H100 machine
+  step env 40 python3 - <<'EOF'  # cold imports took over 20 s on the H100 machine
 import importlib, importlib.metadata, platform
 print("python", platform.python_version())
 for name in ("torch", "transformers", "peft", "accelerate", "triton", "bitsandbytes",
@@ -53,24 +54,28 @@ print("cuda", torch.version.cuda, "|", torch.cuda.get_device_name(0) if torch.cu
 EOF
   # The loss tests, torch.compile included (the unsloth model test, about a minute of
   # compiling on its own, is left out to fit the device time).
-  step pytest_gpu 75 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_losses_gpu.py
+  step pytest_gpu 70 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_losses_gpu.py
   step loss_memory 100 python3 -m benchmarks.loss_memory --device cuda --shapes llama3 \
     --tokens 8192 --reps 5 --out "$out/loss_memory_gpu.json" --overwrite
   step autotune 70 python3 -m benchmarks.autotune --device cuda --shapes llama3 --tokens 8192 \
     --sizes 128 256 512 1024 2048 --reps 3 --out "$out/autotune_gpu.json" --overwrite
+  # Where the token-wise losses' time goes against Liger's: kernels per call, device time.
+  step profile 45 python3 -m benchmarks.loss_memory --device cuda --shapes llama3 --tokens 8192 \
+    --impls liger qseg --losses cross_entropy focal generalized_dice --reps 3 --profile \
+    --out "$out/profile_gpu.json" --overwrite
   # The search stops launching trials at --time-budget; in-flight ones end within --trial-timeout.
   # It goes on from the committed searches (16 and 24 GB converged on 2026-11-27).
   local resume=()
   [ -f "$committed_context" ] && resume=(--resume "$committed_context")
-  step max_context 190 python3 -m benchmarks.max_context --device cuda --models llama3.1-8b \
-    --caps 8 12 16 24 --jobs 3 --time-budget 110 --trial-timeout 75 "${resume[@]}" \
+  step max_context 155 python3 -m benchmarks.max_context --device cuda --models llama3.1-8b \
+    --caps 8 12 16 24 --jobs 3 --time-budget 75 --trial-timeout 65 "${resume[@]}" \
     --out "$out/max_context_gpu.json" --overwrite
 
   echo
   echo "=== summary"
   printf '%s\n' "${summary[@]}"
   echo "--- verdicts"
-  grep -h -E "^(target vs|\[.*\] .*within 10%)" "$steps"/* || echo "(no verdict lines)"
+  (cd "$steps" && grep -E "^(target vs|\[.*\] .*within 10%)" -- *) || echo "(no verdict lines)"
   echo "--- files in $out"
   ls -l "$out"
 }

@@ -94,6 +94,25 @@ def test_loss_memory_quick(tmp_path: Path) -> None:
     assert "| impl | loss |" in done.stdout and "target vs naive [" in done.stdout
 
 
+def test_loss_memory_profile_names_the_work(tmp_path: Path) -> None:
+    """--profile adds one profiled call per case: its largest operators (kernels on CUDA),
+    which must include the head's matmuls, and their total time."""
+    out = tmp_path / "profile.json"
+    done = run_script(
+        "benchmarks.loss_memory", "--device", "cpu", "--quick", "--profile", "--out", str(out),
+        "--impls", "qseg", "naive", "--losses", "focal",
+    )  # fmt: skip
+    rows = load_rows(out)
+    assert [(r["impl"], r["loss"]) for r in rows] == [("qseg", "focal"), ("naive", "focal")]
+    for row in rows:
+        profile = row["profile"]
+        names = [k["name"] for k in profile["top"]]
+        assert any("mm" in name for name in names), names
+        assert profile["launches"] >= sum(k["calls"] for k in profile["top"]) > 0
+        assert profile["device_ms"] >= sum(k["ms"] for k in profile["top"]) > 0
+        assert f"--- {row['impl']} focal: {profile['launches']} operators" in done.stdout
+
+
 def test_autotune_quick(tmp_path: Path) -> None:
     out = tmp_path / "autotune.json"
     run_script(

@@ -65,3 +65,10 @@ def test_gpu_script_commands_parse(script, monkeypatch):
         assert args.device == "cuda" and args.out is not None and args.overwrite
         for shape in getattr(args, "shapes", None) or []:
             loss_memory.parse_shape(shape)  # named heads are checked only later
+
+
+def test_gpu_check_fits_in_eight_minutes():
+    """Issue 5: one call of at most 8 minutes; every step runs under its own timeout."""
+    text = (REPO / "scripts/gpu_check.sh").read_text()
+    limits = [int(s) for s in re.findall(r"^\s*step \w+ (\d+) ", text, flags=re.MULTILINE)]
+    assert len(limits) == 6 and sum(limits) <= 8 * 60, limits
