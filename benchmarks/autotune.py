@@ -191,8 +191,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
                 label="auto pick",
             )
             budget = f", chunk budget {pick['budget_mb']:.0f} MiB"
-        ax.set_title(
-            f"{loss}: {tokens} tokens, V {vocab}, d {dim}, {dtype} ({group[0]['device']}){budget}",
+        ax.set_title(  # two lines: one would be cut off at the figure's edge
+            f"{loss}{budget}\n{tokens} tokens, V {vocab}, d {dim}, {dtype} ({group[0]['device']})",
             fontsize=9,
         )
         handles = ax.get_legend_handles_labels()[0] + mem.get_legend_handles_labels()[0]
