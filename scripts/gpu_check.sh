@@ -42,7 +42,7 @@ main() {
 import importlib, importlib.metadata, platform
 print("python", platform.python_version())
 for name in ("torch", "transformers", "peft", "accelerate", "triton", "bitsandbytes",
-             "datasets", "liger_kernel", "cut_cross_entropy", "matplotlib", "qseg"):
+             "datasets", "liger_kernel", "cut_cross_entropy", "trl", "matplotlib", "qseg"):
     try:
         module = importlib.import_module(name)
         version = getattr(module, "__version__", None)
@@ -52,6 +52,11 @@ for name in ("torch", "transformers", "peft", "accelerate", "triton", "bitsandby
 import torch
 print("cuda", torch.version.cuda, "|", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "NO GPU")
 EOF
+  # Whether unsloth (carried in .gpu-site, never run on a GPU before) imports on this
+  # image: qseg train's "auto" backend takes it where it does. No hub from this machine.
+  step unsloth 40 env HF_HUB_OFFLINE=1 python3 -c "from qseg.models import _import_unsloth
+unsloth, why = _import_unsloth()
+print('unsloth', unsloth.__version__ if unsloth else 'NOT USABLE: ' + why)"
   # The loss tests, torch.compile included (the unsloth model test, about a minute of
   # compiling on its own, is left out to fit the device time).
   step pytest_gpu 70 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_losses_gpu.py
@@ -67,8 +72,8 @@ EOF
   # It goes on from the committed searches (16 and 24 GB converged on 2026-11-27).
   local resume=()
   [ -f "$committed_context" ] && resume=(--resume "$committed_context")
-  step max_context 155 python3 -m benchmarks.max_context --device cuda --models llama3.1-8b \
-    --caps 8 12 16 24 --jobs 3 --time-budget 75 --trial-timeout 65 "${resume[@]}" \
+  step max_context 115 python3 -m benchmarks.max_context --device cuda --models llama3.1-8b \
+    --caps 8 12 16 24 --jobs 3 --time-budget 45 --trial-timeout 55 "${resume[@]}" \
     --out "$out/max_context_gpu.json" --overwrite
 
   echo
