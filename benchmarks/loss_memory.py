@@ -116,7 +116,7 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
     weight.requires_grad_(True)
 
     row = {key: case[key] for key in common.ROW_FIELDS if key in case}
-    row.update(device=common.device_name(device), batch=batch, seq_len=seq_len)
+    row.update(device=common.device_name(device), batch=batch, seq_len=seq_len, reps=case["reps"])
     if device.type == "cpu":
         row["threads"] = case["threads"]
     row.update(chunk_size=None, valid_tokens=int((labels != common.IGNORE_INDEX).sum()))

@@ -36,7 +36,8 @@ a sign of cost, not a speed comparison (`benchmarks.loss_memory` compares speed)
 
 `--resume FILE` seeds the brackets with an earlier run's rows (same card, model, layers
 and granularity), so a search cut short by `--time-budget` goes on where it stopped: with
-device time scarce, two short calls add up to one long one.
+device time scarce, two short calls add up to one long one. The earlier rows of searches
+this run does not make (other caps, mixes or impls) are kept in its output as they were.
 
 On CPU there is no cap to search: `--device cpu` runs one trial per (mix, impl) at
 `--tokens` and reports its memory and time, so the path is exercised without a GPU.
@@ -474,8 +475,18 @@ def search_all(args: argparse.Namespace, device: torch.device) -> list[dict[str,
     searcher = Searcher(
         args.granularity, args.max_tokens, args.start_tokens, searches, args.resolution
     )
+    # The earlier rows of searches not run now are kept, so the output is a superset.
+    kept = []
     if args.resume is not None:
-        searcher.resume(earlier_rows(args, device))
+        earlier = earlier_rows(args, device)
+        searcher.resume(earlier)
+        now = {(s.model, s.loss, s.impl, s.cap_gb) for s in searches}
+        kept = [
+            r
+            for r in earlier
+            if r.get("cap_gb") is not None
+            and (r.get("model"), r.get("loss"), r.get("impl"), r["cap_gb"]) not in now
+        ]
     card_gb = torch.cuda.get_device_properties(device).total_memory / GiB
     deadline = time.monotonic() + args.time_budget
     running: dict[Future, Search] = {}
@@ -504,8 +515,8 @@ def search_all(args: argparse.Namespace, device: torch.device) -> list[dict[str,
                 print(_progress(s, row), flush=True)
                 if args.out is not None:
                     rows = [_search_row(one, searcher, device, args) for one in searches]
-                    common.write_json(rows, args.out, quiet=True)
-    return [_search_row(s, searcher, device, args) for s in searches]
+                    common.write_json(rows + kept, args.out, quiet=True)
+    return [_search_row(s, searcher, device, args) for s in searches] + kept
 
 
 def earlier_rows(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:

@@ -5,9 +5,10 @@
 # No trial starts after SEARCH_SECONDS (default 420); the call ends within that plus
 # 140 s (about 9.3 minutes by default).
 #
-# It goes on from the searches in $out/max_context_gpu.json when that file is there (run
-# after gpu_check.sh in the same call), or from RESUME=FILE: an earlier call's file copied
-# into the working tree (e.g. to benchmarks/results/gpu/, as $OUT starts empty each call).
+# It goes on from RESUME=FILE (an earlier call's file copied into the working tree, as
+# $OUT starts empty each call), else from $out/max_context_gpu.json (gpu_check.sh's, in
+# the same call), else from the committed benchmarks/results/gpu/max_context_gpu.json.
+# The output keeps the rows of searches it does not run (other caps).
 #
 #   usage (repository root, on the GPU machine):
 #     [SEARCH_SECONDS=300] [RESUME=FILE] bash scripts/gpu_max_context.sh [CAPS...]
@@ -17,8 +18,13 @@ export PYTHONUNBUFFERED=1
 out=${OUT:-benchmarks/results/gpu}
 mkdir -p "$out"
 caps=("${@:-8 12 16 24}")
-if [ -z "${RESUME:-}" ] && [ -f "$out/max_context_gpu.json" ]; then
-  RESUME="$out/max_context_gpu.json"
+if [ -z "${RESUME:-}" ]; then
+  for earlier in "$out/max_context_gpu.json" benchmarks/results/gpu/max_context_gpu.json; do
+    if [ -f "$earlier" ]; then
+      RESUME=$earlier
+      break
+    fi
+  done
 fi
 {
   date -u +"%Y-%m-%d %H:%M UTC"

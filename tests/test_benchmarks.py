@@ -88,7 +88,7 @@ def test_loss_memory_quick(tmp_path: Path) -> None:
     for loss in losses:
         qseg, naive = by_impl["qseg", loss], by_impl["naive", loss]
         assert common.measured(qseg) and common.measured(naive)
-        assert qseg["chunk_size"] == 64
+        assert qseg["chunk_size"] == 64 and qseg["reps"] == 1  # --quick: one timed call
         assert qseg["peak_vs_naive"] == pytest.approx(qseg["peak_mb"] / naive["peak_mb"])
         assert qseg["ms_vs_torch_ce"] > 0 and isinstance(qseg["issue2_pass"], bool)
     assert "| impl | loss |" in done.stdout and "target vs naive [" in done.stdout
@@ -485,3 +485,12 @@ def test_the_gpu_search_runs_end_to_end_on_a_simulated_card(tmp_path, monkeypatc
     assert all("pretrained" in r["skipped"] for r in rows if r["impl"] == "unsloth")
     assert len(trials) <= 40  # predictions and shared brackets keep the search short
     assert "| model | layers |" in capsys.readouterr().out
+
+    # A later run of another cap goes on from that file and keeps its rows as they were.
+    before, again = len(trials), tmp_path / "again.json"
+    argv = ["--caps", "8", "--mixes", "ce", "lovasz", "--resume", str(out), "--out", str(again)]
+    max_context.main([*argv, "--impls", "qseg", "naive"])
+    rows_again = json.loads(again.read_text())
+    assert len(rows_again) == 12 and {r["cap_gb"] for r in rows_again} == {8, 16, 24}
+    assert all(row in rows_again for row in searched)
+    assert trials[before:] and all(case["cap_gb"] == 8 for case in trials[before:])

@@ -14,8 +14,9 @@ logits, their float32 upcast and the temporary, 10 bytes for bf16.
 The budget comes from the memory free on the device (`default_budget`). Token-wise
 mixtures are further held to chunks no larger than the hidden-state gradient they produce
 anyway, (N, d) for the N positions given, scored or not, as fused cross-entropy kernels
-hold theirs: at Llama-3's head and 8192 positions that is 240 rows, level with
-Liger-Kernel's 256-row chunk. Region losses take the whole budget: their backward walks
+hold theirs, but to no fewer than 128 rows (fewer would re-read the head for little
+gain): at Llama-3's head and 8192 positions that is 240 rows, level with Liger-Kernel's
+256-row chunk. Region losses take the whole budget: their backward walks
 the head a second time, so larger chunks pay off more.
 """
 
@@ -32,10 +33,9 @@ from .engine import upcasts_half_products, uses_compiled_kernels
 from .registry import normalize_losses, split_by_kind
 
 MiB = 1 << 20
-# In the H100 sweep (benchmarks/results/gpu/autotune_gpu.json, an engine that still held
-# a logits and a gradient buffer per chunk) 384 MiB-sized chunks kept region losses within
-# 1.4x of Liger's fused cross-entropy memory, while larger chunks gained at most 10% in
-# speed. With one buffer per chunk it now gives 752-row chunks at Llama-3's vocabulary.
+# In the H100 sweep of 2026-11-27 (benchmarks/results/gpu/autotune_gpu.json) 384 MiB
+# gave region losses 752-row chunks at Llama-3's head and 8192 tokens, 1.18-1.20x Liger's
+# fused cross-entropy memory, while 2048-row chunks were at most 9% faster.
 CUDA_BUDGET_CAP = 384 * MiB
 CPU_BUDGET_CAP = 128 * MiB
 # Row counts are rounded down to a multiple of this (when larger) to keep matmuls aligned.
@@ -131,7 +131,8 @@ def plan_chunks(
         chunk_memory: byte budget for one chunk, taken as given; None takes
             `default_budget(device)`.
         positions: N, the rows of hidden states given (scored or not; None: n_tokens).
-            A token-wise mixture's default budget is at most their gradient's bytes.
+            A token-wise mixture's default budget is at most their gradient's bytes
+            (or 128 rows, when that is more).
 
     Raises:
         ValueError: the budget cannot hold even one row, or positions < n_tokens.
