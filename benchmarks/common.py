@@ -247,9 +247,10 @@ def kernel_profile(call: Callable[[], Any], device: torch.device, top: int = 12)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     if device.type == "cuda":
-        # Only kernels (and copies) carry self device time; the operators launching them do not.
-        events = [(e.key, e.count, e.self_device_time_total) for e in prof.key_averages()]
-        events = [e for e in events if e[2] > 0]
+        # The kernels themselves: the operator that launches one reports its time too.
+        averages = prof.key_averages()
+        kernels = [e for e in averages if e.device_type == torch.autograd.DeviceType.CUDA]
+        events = [(e.key, e.count, e.self_device_time_total) for e in kernels]
     else:
         events = [(e.key, e.count, e.self_cpu_time_total) for e in prof.key_averages()]
     events.sort(key=lambda e: e[2], reverse=True)

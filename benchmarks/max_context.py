@@ -37,7 +37,9 @@ a sign of cost, not a speed comparison (`benchmarks.loss_memory` compares speed)
 `--resume FILE` seeds the brackets with an earlier run's rows (same card, model, layers
 and granularity), so a search cut short by `--time-budget` goes on where it stopped: with
 device time scarce, two short calls add up to one long one. The earlier rows of searches
-this run does not make (other caps, mixes or impls) are kept in its output as they were.
+this run does not make (other caps, mixes or impls) are kept in its output as they were
+(failed ones are not). `--resume-if-same-card` sets aside, instead of refusing, a file
+searched on another card, so scripts can resume committed results on whatever card.
 
 On CPU there is no cap to search: `--device cpu` runs one trial per (mix, impl) at
 `--tokens` and reports its memory and time, so the path is exercised without a GPU.
@@ -485,6 +487,7 @@ def search_all(args: argparse.Namespace, device: torch.device) -> list[dict[str,
             r
             for r in earlier
             if r.get("cap_gb") is not None
+            and not r.get("error")  # an old failure must not fail every later run
             and (r.get("model"), r.get("loss"), r.get("impl"), r["cap_gb"]) not in now
         ]
     card_gb = torch.cuda.get_device_properties(device).total_memory / GiB
@@ -520,7 +523,8 @@ def search_all(args: argparse.Namespace, device: torch.device) -> list[dict[str,
 
 
 def earlier_rows(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
-    """`--resume`'s rows, refused when they were searched on another card or setup."""
+    """`--resume`'s rows, refused when they were searched on another card or setup (set
+    aside, with a note, under `--resume-if-same-card`)."""
     try:
         rows = json.loads(args.resume.read_text())
     except json.JSONDecodeError as error:
@@ -532,11 +536,14 @@ def earlier_rows(args: argparse.Namespace, device: torch.device) -> list[dict[st
         there = {"device": row.get("device"), "granularity": row.get("granularity")}
         layers = args.layers or MODELS[row["model"]]["num_hidden_layers"]
         if there != here or row.get("layers") != layers:
-            raise SystemExit(
+            message = (
                 f"--resume {args.resume}: its {row['model']} rows were searched with "
-                f"{there}, {row.get('layers')} layers; this run has {here}, {layers} layers. "
-                "Resume only a search of the same card and setup."
+                f"{there}, {row.get('layers')} layers; this run has {here}, {layers} layers"
             )
+            if args.resume_if_same_card:
+                print(f"{message}: not resumed, a fresh search", flush=True)
+                return []
+            raise SystemExit(f"{message}. Resume only a search of the same card and setup.")
     return rows
 
 
@@ -714,6 +721,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument(
         "--resume", type=Path, help="an earlier run's JSON: go on from its brackets (CUDA)"
+    )
+    parser.add_argument(
+        "--resume-if-same-card",
+        action="store_true",
+        help="with --resume: a file searched on another card or setup is set aside (a fresh "
+        "search) instead of refused; for scripts that resume committed results",
     )
     parser.add_argument("--trial-timeout", type=common.positive_float, default=300)
     parser.add_argument(

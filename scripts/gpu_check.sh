@@ -69,9 +69,10 @@ print('unsloth', unsloth.__version__ if unsloth else 'NOT USABLE: ' + why)"
     --impls liger qseg --losses cross_entropy focal generalized_dice --reps 3 --profile \
     --out "$out/profile_gpu.json" --overwrite
   # The search stops launching trials at --time-budget; in-flight ones end within --trial-timeout.
-  # It goes on from the committed searches (16 and 24 GB converged on 2026-11-27).
+  # It goes on from the committed searches (16 and 24 GB converged on 2026-11-27 on an
+  # H100 80GB HBM3; another card starts afresh).
   local resume=()
-  [ -f "$committed_context" ] && resume=(--resume "$committed_context")
+  [ -f "$committed_context" ] && resume=(--resume "$committed_context" --resume-if-same-card)
   step max_context 115 python3 -m benchmarks.max_context --device cuda --models llama3.1-8b \
     --caps 8 12 16 24 --jobs 3 --time-budget 45 --trial-timeout 55 "${resume[@]}" \
     --out "$out/max_context_gpu.json" --overwrite

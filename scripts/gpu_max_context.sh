@@ -7,8 +7,9 @@
 #
 # It goes on from RESUME=FILE (an earlier call's file copied into the working tree, as
 # $OUT starts empty each call), else from $out/max_context_gpu.json (gpu_check.sh's, in
-# the same call), else from the committed benchmarks/results/gpu/max_context_gpu.json.
-# The output keeps the rows of searches it does not run (other caps).
+# the same call), else from the committed benchmarks/results/gpu/max_context_gpu.json;
+# those two only if searched on this card. The output keeps the rows of searches it does
+# not run (other caps).
 #
 #   usage (repository root, on the GPU machine):
 #     [SEARCH_SECONDS=300] [RESUME=FILE] bash scripts/gpu_max_context.sh [CAPS...]
@@ -18,10 +19,13 @@ export PYTHONUNBUFFERED=1
 out=${OUT:-benchmarks/results/gpu}
 mkdir -p "$out"
 caps=("${@:-8 12 16 24}")
-if [ -z "${RESUME:-}" ]; then
+resume=()
+if [ -n "${RESUME:-}" ]; then
+  resume=(--resume "$RESUME")
+else
   for earlier in "$out/max_context_gpu.json" benchmarks/results/gpu/max_context_gpu.json; do
     if [ -f "$earlier" ]; then
-      RESUME=$earlier
+      resume=(--resume "$earlier" --resume-if-same-card)
       break
     fi
   done
@@ -33,6 +37,6 @@ fi
   # The last trials end within their 100 s timeout.
   timeout --kill-after=10 $((search + 130)) python3 -m benchmarks.max_context --device cuda \
     --models llama3.1-8b --caps ${caps[*]} --jobs 4 --time-budget "$search" --trial-timeout 100 \
-    ${RESUME:+--resume "$RESUME"} --out "$out/max_context_gpu.json" --overwrite
+    "${resume[@]}" --out "$out/max_context_gpu.json" --overwrite
   echo "exit $?"
 } 2>&1 | tee "$out/max_context_gpu.log"

@@ -113,6 +113,42 @@ def test_loss_memory_profile_names_the_work(tmp_path: Path) -> None:
         assert f"--- {row['impl']} focal: {profile['launches']} operators" in done.stdout
 
 
+def test_kernel_profile_counts_each_cuda_kernel_once(monkeypatch) -> None:
+    """The profiler reports a kernel's time on the kernel and again on the operator that
+    launched it: a CUDA profile keeps the kernels only. One aten::mm launching one 0.5 ms
+    kernel, built as the profiler's own parser builds them."""
+    from torch.autograd import DeviceType
+    from torch.autograd.profiler_util import EventList, FunctionEvent
+
+    shared = dict(thread=0, input_shapes=[], stack=[], scope=0, use_device="cuda", fwd_thread=0)
+    op = FunctionEvent(1, "aten::mm", start_us=0, end_us=100, **shared)
+    kernel = FunctionEvent(
+        2, "gemm_kernel", start_us=10, end_us=510, device_type=DeviceType.CUDA, **shared
+    )
+    op.append_kernel(kernel.name, 0, 500)
+    events = EventList([op, kernel], use_device="cuda")
+    events._build_tree()
+
+    class Recorded:
+        def __init__(self, **options):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def key_averages(self):
+            return events.key_averages()
+
+    monkeypatch.setattr(torch.profiler, "profile", Recorded)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    profile = common.kernel_profile(lambda: None, torch.device("cuda"))
+    assert profile["launches"] == 1 and profile["device_ms"] == pytest.approx(0.5)
+    assert [k["name"] for k in profile["top"]] == ["gemm_kernel"]
+
+
 def test_autotune_quick(tmp_path: Path) -> None:
     out = tmp_path / "autotune.json"
     run_script(
@@ -494,3 +530,16 @@ def test_the_gpu_search_runs_end_to_end_on_a_simulated_card(tmp_path, monkeypatc
     assert len(rows_again) == 12 and {r["cap_gb"] for r in rows_again} == {8, 16, 24}
     assert all(row in rows_again for row in searched)
     assert trials[before:] and all(case["cap_gb"] == 8 for case in trials[before:])
+
+    # An old failure is not carried on; another card's file is refused, or set aside.
+    failed = dict(searched[0], cap_gb=12.0, error="worker exited with 1")
+    out.write_text(json.dumps([*searched, failed]))
+    argv = ["--caps", "8", "--mixes", "ce", "--impls", "qseg", "--resume", str(out)]
+    max_context.main([*argv, "--out", str(again), "--overwrite"])
+    assert not any(r.get("error") for r in json.loads(again.read_text()))
+    monkeypatch.setattr(common, "device_name", lambda device: "Another card")
+    with pytest.raises(SystemExit, match="Resume only a search of the same card"):
+        max_context.main([*argv, "--out", str(again), "--overwrite"])
+    max_context.main([*argv, "--resume-if-same-card", "--out", str(again), "--overwrite"])
+    fresh = json.loads(again.read_text())
+    assert [(r["cap_gb"], r["device"]) for r in fresh] == [(8, "Another card")]

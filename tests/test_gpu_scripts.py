@@ -25,8 +25,7 @@ SHELL_VALUES = {
     "$out": "/tmp/out",
     "${caps[*]}": "8 12 16 24",
     "$search": "420",
-    '${RESUME:+--resume "$RESUME"}': "--resume /tmp/earlier.json",
-    '"${resume[@]}"': "--resume /tmp/earlier.json",
+    '"${resume[@]}"': "--resume /tmp/earlier.json --resume-if-same-card",
 }
 
 

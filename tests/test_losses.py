@@ -395,6 +395,22 @@ def test_half_inputs_give_what_their_float32_upcast_gives(case, dtype):
     assert_close(actual_grads, expected_grads, rtol=1e-2, atol=1e-5)
 
 
+@pytest.mark.parametrize("case", ["cross_entropy", "lovasz"])
+def test_a_float64_bias_on_a_half_head(case):
+    """The bias sets float64 accumulation; the half head's gradient is still summed in
+    float32 (a mixed-dtype matmul there once crashed)."""
+    hidden, weight, bias, labels = make_batch(seed=10)
+    hidden, weight = hidden.to(torch.bfloat16), weight.to(torch.bfloat16)
+    loss = fused_linear_loss(hidden, weight, labels, case, bias=bias, chunk_size=3)
+    assert loss.dtype == torch.float64
+    up = [t.detach().double().requires_grad_() for t in (hidden, weight, bias)]
+    naive = loss_from_logits(up[0] @ up[1].T + up[2], labels, case)
+    torch.testing.assert_close(loss, naive)
+    inputs = (hidden, weight, bias)
+    expected = [g.to(t.dtype) for g, t in zip(grads(naive, *up), inputs, strict=True)]
+    assert_close(grads(loss, *inputs), expected, rtol=1e-2, atol=1e-5)
+
+
 def test_half_head_products_are_upcast_in_blocks(monkeypatch):
     """Heads larger than one upcast block are walked block by block, same result."""
     from qseg.losses import engine

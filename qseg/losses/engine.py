@@ -221,8 +221,8 @@ class _GradientSink:
             if not upcast and w.dtype not in casts:
                 casts[w.dtype] = dz.to(w.dtype)
             dz_w = dz if upcast else casts[w.dtype]
-            if dw is not None:
-                dw.addmm_(dz_w.T, h.to(dw.dtype))
+            if dw is not None:  # dz is float64 beside a float32 sum where a float64 bias is
+                dw.addmm_(dz_w.T.to(dw.dtype), h.to(dw.dtype))
             if dh is None:
                 continue
             if upcast:
