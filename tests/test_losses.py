@@ -596,6 +596,11 @@ def test_token_wise_chunks_at_llama3s_head_stay_level_with_liger(monkeypatch):
     assert plan.rows == 240 and plan.estimated_bytes <= liger_chunk
     region = plan_chunks(7326, vocab, dim, torch.bfloat16, "lovasz", device="cuda", positions=8192)
     assert region.bytes_per_row == 4 * vocab + 2 * dim * 2  # a margin for its columns
+    # A LoRA head's parts or a bias: float32 logits summed beside half products.
+    lora = plan_chunks(
+        7326, vocab, dim, torch.bfloat16, "focal", device="cuda", positions=8192, plain_head=False
+    )
+    assert lora.bytes_per_row == 8 * vocab + 2 * dim * 2 and lora.rows < plan.rows
 
 
 def test_fused_loss_plans_its_chunks_for_every_position_given(monkeypatch):
@@ -605,15 +610,17 @@ def test_fused_loss_plans_its_chunks_for_every_position_given(monkeypatch):
     real = api.plan_chunks
 
     def spy(*args, **kwargs):
-        seen.append(kwargs["positions"])
+        seen.append((kwargs["positions"], kwargs["plain_head"]))
         return real(*args, **kwargs)
 
     monkeypatch.setattr(api, "plan_chunks", spy)
-    hidden, weight, _, labels = make_batch()
+    hidden, weight, bias, labels = make_batch()
     labels = labels.clone()
     labels[:, ::2] = -100
     fused_linear_loss(hidden, weight, labels, "cross_entropy")
-    assert seen == [labels.numel()] and (labels != -100).sum() < labels.numel()
+    fused_linear_loss(hidden, weight, labels, "cross_entropy", bias=bias)
+    assert seen == [(labels.numel(), True), (labels.numel(), False)]
+    assert (labels != -100).sum() < labels.numel()
 
 
 def test_auto_chunks_respect_chunk_memory():

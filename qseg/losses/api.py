@@ -196,7 +196,7 @@ def fused_linear_loss(
     h = hidden.reshape(-1, dim)
     index = None if tokens.index.numel() == h.shape[0] else tokens.index
     hiddens, weights, bias = _head_parts(weight, h, bias)
-    rows = _chunk_rows(chunk_size, chunk_memory, tokens, h, vocab, weights[0], mixture)
+    rows = _chunk_rows(chunk_size, chunk_memory, mixture, tokens, h, vocab, weights, bias)
     dtype = engine.accumulation_dtype(*hiddens, *weights, bias)
     bias = bias.to(dtype) if bias is not None else None
     # The engine and the mixture manage their own precision; autocast would recast them.
@@ -255,25 +255,27 @@ def _fused_mixture(
 def _chunk_rows(
     chunk_size: int | str,
     chunk_memory: int | None,
+    mixture: dict,
     tokens: ValidTokens,
     h: Tensor,
     vocab: int,
-    head_weight: Tensor,
-    mixture: dict,
+    weights: list[Tensor],
+    bias: Tensor | None,
 ) -> int:
-    """Rows per chunk: `chunk_size` checked, or the tuner's pick for the head's dtype and
-    the (N, d) hidden states `h`."""
+    """Rows per chunk: `chunk_size` checked, or the tuner's pick for the (N, d) hidden
+    states `h` and the head's parts (`weights`, `bias`) as the engine will multiply them."""
     chunk_size = _checked_chunk_size(chunk_size)
     if chunk_size == "auto":
         plan = plan_chunks(
             tokens.index.numel(),
             vocab,
             h.shape[1],
-            head_weight.dtype,
+            weights[0].dtype,
             mixture,
-            device=head_weight.device,
+            device=weights[0].device,
             chunk_memory=chunk_memory,
             positions=h.shape[0],
+            plain_head=len(weights) == 1 and bias is None,
         )
         return plan.rows
     return chunk_size

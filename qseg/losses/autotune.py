@@ -7,8 +7,9 @@ gradient is written over the logits, so per logit that is, on a CPU: the logits 
 accumulation dtype (half inputs are upcast) and one temporary of that dtype (the
 log-sum-exp's): 8 bytes, 16 for float64. On CUDA, compiled: the half logits alone, the
 fused kernels keeping their float32 values in registers, plus, on the recompute path, a
-margin of 2 bytes for its (rows, present classes) tensors; eager (QSEG_COMPILE=0): the
-logits, their float32 upcast and the temporary, 10 bytes for bf16.
+margin of 2 bytes for its (rows, present classes) tensors; but a head of several parts
+(LoRA) or with a bias sums float32 logits beside half products: 8 bytes. Eager
+(QSEG_COMPILE=0): the logits, their float32 upcast and the temporary, 10 bytes for bf16.
 `benchmarks/autotune.py` checks these estimates against measured peaks.
 
 The budget comes from the memory free on the device (`default_budget`). Token-wise
@@ -58,23 +59,32 @@ class ChunkPlan:
         return asdict(self)
 
 
-def bytes_per_logit(dtype: torch.dtype, device: torch.device, token_path: bool = False) -> int:
+def bytes_per_logit(
+    dtype: torch.dtype, device: torch.device, token_path: bool = False, plain_head: bool = True
+) -> int:
     """Transient bytes per (row, vocabulary entry) of one chunk, for inputs of `dtype`, on
-    the fused token-wise path or (default) the recompute path."""
+    the fused token-wise path or (default) the recompute path, for a head of one weight
+    without bias (`plain_head`) or not."""
     accumulate = 8 if dtype == torch.float64 else 4
     native = torch.finfo(dtype).bits // 8
     if upcasts_half_products(device):
         return 2 * accumulate
     if uses_compiled_kernels(device):
-        return native if token_path else native + 2
+        logits = native if plain_head else 2 * accumulate
+        return logits if token_path else logits + 2
     return native + accumulate + (accumulate if native < accumulate else 0)
 
 
 def bytes_per_row(
-    vocab: int, hidden_dim: int, dtype: torch.dtype, device: torch.device, token_path: bool = False
+    vocab: int,
+    hidden_dim: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    token_path: bool = False,
+    plain_head: bool = True,
 ) -> int:
     """Transient bytes per row of one chunk: its logits, gathered hidden row and gradient."""
-    per_logit = bytes_per_logit(dtype, device, token_path)
+    per_logit = bytes_per_logit(dtype, device, token_path, plain_head)
     return per_logit * vocab + 2 * hidden_dim * dtype.itemsize
 
 
@@ -117,6 +127,7 @@ def plan_chunks(
     device: torch.device | str = "cpu",
     chunk_memory: int | None = None,
     positions: int | None = None,
+    plain_head: bool = True,
 ) -> ChunkPlan:
     """Pick rows per chunk so that one chunk's transient memory fits the budget.
 
@@ -133,6 +144,8 @@ def plan_chunks(
         positions: N, the rows of hidden states given (scored or not; None: n_tokens).
             A token-wise mixture's default budget is at most their gradient's bytes
             (or 128 rows, when that is more).
+        plain_head: the head is one weight without bias; a LoRA head's several parts or
+            a bias make CUDA logits float32, which costs more per row.
 
     Raises:
         ValueError: the budget cannot hold even one row, or positions < n_tokens.
@@ -146,7 +159,7 @@ def plan_chunks(
         )
     positions = int(positions)
     token_path = losses is not None and _token_only(losses)
-    per_row = bytes_per_row(vocab, hidden_dim, dtype, device, token_path)
+    per_row = bytes_per_row(vocab, hidden_dim, dtype, device, token_path, plain_head)
     if chunk_memory is None:
         budget, why = default_budget(device)
         if token_path:
