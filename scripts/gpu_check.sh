@@ -52,8 +52,9 @@ for name in ("torch", "transformers", "peft", "accelerate", "triton", "bitsandby
 import torch
 print("cuda", torch.version.cuda, "|", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "NO GPU")
 EOF
-  # Whether unsloth (carried in .gpu-site, never run on a GPU before) imports on this
-  # image: qseg train's "auto" backend takes it where it does. No hub from this machine.
+  # Whether unsloth (carried in .gpu-site; 2026.10.9 imported on the H100 image on
+  # 2026-11-27) imports on this image: qseg train's "auto" backend takes it where it
+  # does. No hub from this machine.
   step unsloth 40 env HF_HUB_OFFLINE=1 python3 -c "from qseg.models import _import_unsloth
 unsloth, why = _import_unsloth()
 print('unsloth', unsloth.__version__ if unsloth else 'NOT USABLE: ' + why)"
@@ -69,8 +70,8 @@ print('unsloth', unsloth.__version__ if unsloth else 'NOT USABLE: ' + why)"
     --impls liger qseg --losses cross_entropy focal generalized_dice --reps 3 --profile \
     --out "$out/profile_gpu.json" --overwrite
   # The search stops launching trials at --time-budget; in-flight ones end within --trial-timeout.
-  # It goes on from the committed searches (16 and 24 GB converged on 2026-11-27 on an
-  # H100 80GB HBM3; another card starts afresh).
+  # It goes on from the committed searches (every cap converged on 2026-11-27 on an
+  # H100 80GB HBM3, where this step then only rewrites them; another card starts afresh).
   local resume=()
   [ -f "$committed_context" ] && resume=(--resume "$committed_context" --resume-if-same-card)
   step max_context 115 python3 -m benchmarks.max_context --device cuda --models llama3.1-8b \

@@ -338,6 +338,18 @@ def test_a_resumed_search_goes_on_where_it_stopped(cut_after: int, tmp_path: Pat
     new_trials = sum(s.trials for s in resumed.searches) - seeded
     assert new_trials <= sum(s.trials for s in whole.searches) - cut_after + 1
 
+    # Resuming searches that all converged (as gpu_check.sh does) runs no trial at all.
+    rows = [
+        max_context._search_row(s, resumed, torch.device("cpu"), args) for s in resumed.searches
+    ]
+    args.resume.write_text(json.dumps(rows))
+    again = searcher()
+    again.resume(max_context.earlier_rows(args, torch.device("cpu")))
+    assert all(again.done(s) for s in again.searches)
+    before = sum(s.trials for s in again.searches)
+    simulate(again, memory)
+    assert sum(s.trials for s in again.searches) == before
+
     args.granularity = 1024  # another setup's brackets are not taken for this one's
     with pytest.raises(SystemExit, match="same card and setup"):
         max_context.earlier_rows(args, torch.device("cpu"))
