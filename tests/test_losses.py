@@ -582,9 +582,10 @@ def test_token_wise_chunks_are_no_larger_than_the_hidden_state_gradient(monkeypa
 def test_token_wise_chunks_at_llama3s_head_stay_level_with_liger(monkeypatch):
     """Issue 5's shape on CUDA (planned only): 8192 positions, 10% ignored, V 128256,
     d 4096, bf16. Liger-Kernel's chunk there is 256 rows of bf16 logits; ours, with its
-    gathered hidden rows and their gradient (2.0 bytes per logit and 16 KiB per row, as
-    the H100 sweep in benchmarks/results/gpu/autotune_gpu.json measured), must not be
-    larger, and as many rows as that allows: fewer, misaligned rows cost time there."""
+    gathered hidden rows and their gradient, is planned at 2 bytes per logit and 16 KiB
+    per row (the H100 sweep in benchmarks/results/gpu/autotune_gpu.json measured 2.06
+    bytes per logit, rows included). It must not be larger, and must take as many rows as
+    that allows: fewer, misaligned rows cost time there."""
     from qseg.losses import autotune
 
     monkeypatch.setattr(autotune, "default_budget", lambda device: (384 << 20, "384 MiB"))
