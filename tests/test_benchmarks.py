@@ -311,11 +311,10 @@ def test_a_resumed_search_goes_on_where_it_stopped(cut_after: int, tmp_path: Pat
 
     needs = {"cross_entropy": 0.0, "lovasz": 300.0}
     memory = lambda t, s: 0.45 * t + needs[s.loss]  # noqa: E731
-    whole, cut, resumed = searcher(), searcher(), searcher()
+    whole, cut = searcher(), searcher()
     simulate(whole, memory)
     simulate(cut, memory, max_trials=cut_after)
     assert not all(cut.done(s) for s in cut.searches)
-    # Rows as the cut run wrote them, read back as --resume reads them.
     args = argparse.Namespace(
         layers=None,
         granularity=512,
@@ -323,12 +322,20 @@ def test_a_resumed_search_goes_on_where_it_stopped(cut_after: int, tmp_path: Pat
         jobs=1,
         max_tokens=131072,
         models=["tiny-llama"],
+        resume=tmp_path / "earlier.json",
         resume_if_same_card=False,
     )
-    rows = [max_context._search_row(s, cut, torch.device("cpu"), args) for s in cut.searches]
-    args.resume = tmp_path / "cut.json"
-    args.resume.write_text(json.dumps(rows))
-    resumed.resume(max_context.earlier_rows(args, torch.device("cpu")))
+
+    def resumed_from(earlier: Searcher) -> Searcher:
+        """A new search seeded with `earlier`'s rows, written and read back as --resume does."""
+        cpu = torch.device("cpu")
+        rows = [max_context._search_row(s, earlier, cpu, args) for s in earlier.searches]
+        args.resume.write_text(json.dumps(rows))
+        resumed = searcher()
+        resumed.resume(max_context.earlier_rows(args, cpu))
+        return resumed
+
+    resumed = resumed_from(cut)
     seeded = sum(s.trials for s in resumed.searches)
     assert seeded == cut_after
     simulate(resumed, memory)
@@ -339,12 +346,7 @@ def test_a_resumed_search_goes_on_where_it_stopped(cut_after: int, tmp_path: Pat
     assert new_trials <= sum(s.trials for s in whole.searches) - cut_after + 1
 
     # Resuming searches that all converged (as gpu_check.sh does) runs no trial at all.
-    rows = [
-        max_context._search_row(s, resumed, torch.device("cpu"), args) for s in resumed.searches
-    ]
-    args.resume.write_text(json.dumps(rows))
-    again = searcher()
-    again.resume(max_context.earlier_rows(args, torch.device("cpu")))
+    again = resumed_from(resumed)
     assert all(again.done(s) for s in again.searches)
     before = sum(s.trials for s in again.searches)
     simulate(again, memory)
