@@ -8,15 +8,18 @@ math, `engine` the chunked passes over the head, `autotune` the chunk sizing.
 """
 
 from .api import FusedLinearLoss, fused_linear_loss, loss_from_logits
-from .autotune import ChunkPlan, plan_chunks
-from .registry import available_losses, normalize_losses
+from .autotune import ChunkPlan, default_budget, plan_chunks
+from .registry import available_losses, canonical_name, loss_kind, normalize_losses
 
 __all__ = [
     "ChunkPlan",
     "FusedLinearLoss",
     "available_losses",
+    "canonical_name",
+    "default_budget",
     "fused_linear_loss",
     "loss_from_logits",
+    "loss_kind",
     "normalize_losses",
     "plan_chunks",
 ]

@@ -74,6 +74,11 @@ def canonical_name(name: str) -> str:
     return _ALIASES[name.lower()]
 
 
+def loss_kind(name: str) -> LossKind:
+    """Whether a loss (name or alias) is token-wise ("token") or a region loss ("region")."""
+    return LOSSES[canonical_name(name)].kind
+
+
 def normalize_losses(losses: str | Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """Turn any accepted mixture form into `{canonical_name: {"weight": w, **params}}`.
 
