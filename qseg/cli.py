@@ -18,7 +18,8 @@ from typing import Any
 
 from qseg import __version__
 from qseg.compare import add_compare_arguments, run_compare
-from qseg.config import BACKENDS, CE_SCOPES, FORMATS, PRESETS, QUANTIZATIONS, resolve_config
+from qseg.config import PRESETS, resolve_config
+from qseg.constants import BACKENDS, CE_SCOPES, FORMATS, QUANTIZATIONS
 from qseg.data import is_one_file
 from qseg.eval import add_eval_arguments, format_table, run_eval
 from qseg.losses import available_losses

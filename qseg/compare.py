@@ -25,8 +25,8 @@ from matplotlib.figure import Figure
 from qseg.data import is_one_file
 from qseg.losses import normalize_losses
 from qseg.metrics import CHOICE_METRICS, LOWER_IS_BETTER, MATH_METRICS
+from qseg.run_files import RUN_FILE, read_run
 
-RUN_FILE = "run.json"
 TABLE_FILE = "compare.md"
 CHART_FILE = "compare.png"
 BASELINE_LABEL = "base model (no adapter)"
@@ -41,32 +41,6 @@ class RunResult:
     label: str  # the loss mix, e.g. "cross_entropy 0.6 + generalized_dice 0.4"
     summary: dict[str, Any]  # dataset, n and the metrics of qseg.metrics
     scored: str | None = None  # the data scored: "<dataset source> <split>", if known
-
-
-def read_run(directory: str | Path) -> dict[str, Any]:
-    """The ``run.json`` of a qseg run dir.
-
-    A qseg run dir is recognised by its ``run.json`` (written by ``qseg train``) holding the
-    run's ``"config"`` object (``model`` None there means the default model).
-
-    Raises:
-        FileNotFoundError: ``directory`` does not exist.
-        ValueError: it is not a qseg run dir.
-    """
-    path = Path(directory)
-    if not path.is_dir():
-        raise FileNotFoundError(f"run dir {path} does not exist or is not a folder")
-    run_file = path / RUN_FILE
-    not_a_run = f"not a qseg run dir: {path} (expected {RUN_FILE} written by qseg train"
-    if not run_file.is_file():
-        raise ValueError(f"{not_a_run}; there is none)")
-    try:
-        run = json.loads(run_file.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{not_a_run}; {run_file} is not valid JSON: {error})") from error
-    if not isinstance(run, dict) or not isinstance(run.get("config"), dict):
-        raise ValueError(f"{not_a_run}, with a 'config' object)")
-    return run
 
 
 def loss_label(loss: str | Mapping[str, Any] | None) -> str:

@@ -21,16 +21,12 @@ from typing import Any
 
 import yaml
 
+from qseg.constants import BACKENDS, CE_SCOPES, FORMATS, LORA_TARGETS, QUANTIZATIONS
 from qseg.losses import normalize_losses
+from qseg.run_files import CONFIG_FILE
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("steps", "full")
-CE_SCOPES = ("answer", "sequence")
-QUANTIZATIONS = ("auto", "4bit", "none")
-BACKENDS = ("auto", "unsloth", "transformers")
-CONFIG_FILE = "config.yaml"  # the resolved config, in every output dir
-DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 # The paper's setups (learning rates, warmup, weight decay, batch, epochs, lengths and loss
 # mixes from its experiments); its code scores cross-entropy on the whole sequence.
@@ -102,7 +98,7 @@ class TrainConfig:
     lora_alpha: int = 16
     lora_dropout: float = 0.05
     # module names, or "all-linear" (every linear layer but the lm head)
-    lora_targets: list[str] | str = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
+    lora_targets: list[str] | str = field(default_factory=lambda: list(LORA_TARGETS))
     quantization: str = "auto"
     backend: str = "auto"
     # "auto": on a GPU; off on a CPU, where memory is rarely short and recomputing the

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from qseg.compare import read_run
+from qseg.constants import FORMATS
 from qseg.data import (
     Example,
     answer_length,
@@ -33,6 +33,7 @@ from qseg.data import (
     load_examples,
 )
 from qseg.metrics import score_choice, score_math
+from qseg.run_files import read_run
 
 SCORERS: dict[str, Callable[[Sequence[str], Sequence[str]], dict]] = {
     "gsm8k": score_math,
@@ -224,7 +225,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--format",
-        choices=("steps", "full"),
+        choices=FORMATS,
         help="answer layout (default: the run's, else steps)",
     )
     parser.add_argument("--limit", type=int, metavar="N", help="score the first N examples")

@@ -48,12 +48,10 @@ try:
 except ImportError:  # transformers < 5 has no GGUF quantizer and always dequantizes
     GgufConfig = None
 
+from qseg.constants import BACKENDS, LORA_TARGETS, PADDING_SIDES, QUANTIZATIONS
+
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "unsloth", "transformers")
-QUANTIZATIONS = ("auto", "4bit", "none")
-PADDING_SIDES = ("right", "left")
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SOURCES_ACCEPTED = (
     "a Hugging Face hub id (org/name), a local Hugging Face model folder (with config.json), "
     "a .gguf file, or a folder holding exactly one .gguf file"
@@ -79,7 +77,7 @@ class LoraSettings:
     r: int = 8
     alpha: int = 16
     dropout: float = 0.05
-    targets: tuple[str, ...] | str = DEFAULT_TARGETS
+    targets: tuple[str, ...] | str = LORA_TARGETS
 
     def __post_init__(self) -> None:
         if self.r < 1:

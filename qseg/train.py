@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
-import json
 import logging
 import resource
 import sys
@@ -33,8 +32,7 @@ from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 import qseg
-from qseg.compare import RUN_FILE
-from qseg.config import CONFIG_FILE, TrainConfig
+from qseg.config import TrainConfig
 from qseg.data import (
     IGNORE_INDEX,
     DataCollator,
@@ -55,11 +53,18 @@ from qseg.models import (
     load_model,
     output_head,
 )
-from qseg.run_dir import check_output_dir, clear_run, record_run_files
+from qseg.run_files import (
+    CONFIG_FILE,
+    EVAL_FILE,
+    RUN_FILE,
+    check_output_dir,
+    clear_run,
+    record_run_files,
+    write_json,
+)
 
 log = logging.getLogger(__name__)
 
-EVAL_FILE = "eval.json"
 GiB = 1 << 30
 
 
@@ -139,11 +144,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     record["output_dir"] = str(output_dir)
     record["data"] = {"train_examples": len(features), "dropped_too_long": dropped}
     if state.is_main_process:
-        (output_dir / RUN_FILE).write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+        write_json(output_dir / RUN_FILE, record)
         if evaluation is not None:
-            (output_dir / EVAL_FILE).write_text(
-                json.dumps(evaluation, indent=2, ensure_ascii=False) + "\n"
-            )
+            write_json(output_dir / EVAL_FILE, evaluation)
         record_run_files(output_dir)
     return record
 

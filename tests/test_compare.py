@@ -10,10 +10,10 @@ from qseg.compare import (
     load_result,
     loss_label,
     markdown_table,
-    read_run,
     run_compare,
 )
 from qseg.losses import normalize_losses
+from qseg.run_files import read_run
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

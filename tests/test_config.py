@@ -8,13 +8,13 @@ import pytest
 import yaml
 
 from qseg.config import (
-    CONFIG_FILE,
     PRESETS,
     TrainConfig,
     load_yaml,
     parse_loss_arg,
     resolve_config,
 )
+from qseg.run_files import CONFIG_FILE
 
 CE_GDICE = {"cross_entropy": 0.6, "generalized_dice": 0.4}
 

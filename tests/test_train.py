@@ -31,7 +31,7 @@ from qseg.config import TrainConfig, parse_loss_arg, resolve_config
 from qseg.data import IGNORE_INDEX, DataCollator, build_dataset, load_examples
 from qseg.losses import loss_from_logits
 from qseg.models import LoraSettings, backbone_hidden_states, load_model
-from qseg.run_dir import check_output_dir, foreign_files
+from qseg.run_files import check_output_dir, foreign_files
 from qseg.train import (
     LossTrainer,
     TargetCounts,

@@ -26,8 +26,9 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
+from qseg.constants import FORMATS
+
 DATASETS = ("gsm8k", "mathqa", "openbookqa", "hellaswag")
-FORMATS = ("steps", "full")
 
 
 @dataclass

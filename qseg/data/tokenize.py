@@ -20,12 +20,11 @@ from typing import Any
 
 import torch
 
+from qseg.constants import IGNORE_INDEX, PADDING_SIDES
 from qseg.data.formats import Example, format_prompt
 
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
-PADDING_SIDES = ("right", "left")
 
 
 def _bos(tokenizer: Any) -> list[int]:

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from qseg.config import TrainConfig
-from qseg.run_dir import check_output_dir, clear_run, record_run_files
+from qseg.run_files import check_output_dir, clear_run, record_run_files
 
 
 def make_run(folder: Path) -> Path:

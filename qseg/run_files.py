@@ -1,4 +1,9 @@
-"""A run's output folder: where it goes, and when replacing it loses nothing of the user's.
+"""A run's output folder: its file names, its record, where it goes, and when replacing it
+loses nothing of the user's.
+
+Every run folder holds `config.yaml` (the resolved config), `run.json` (the run's record,
+written by `qseg train` when it ends), `eval.json` (the held-out evaluation, when asked),
+the adapter, and `checkpoint-N/` folders.
 
 A run lists every file it has written, with its size and modification time, in
 `.qseg-files`: when it starts, after each checkpoint and when it ends. `--overwrite`
@@ -14,13 +19,49 @@ import json
 import os
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from transformers.trainer_utils import get_last_checkpoint
 
-from qseg.config import TrainConfig
+if TYPE_CHECKING:
+    from qseg.config import TrainConfig
 
-RUNS_ROOT = Path("runs")
-MANIFEST = ".qseg-files"
+RUNS_ROOT = Path("runs")  # where a run goes when no --output-dir is given
+CONFIG_FILE = "config.yaml"  # the resolved config
+RUN_FILE = "run.json"  # the run's record: config, losses per step, timings, eval summary
+EVAL_FILE = "eval.json"  # the held-out evaluation's report
+MANIFEST = ".qseg-files"  # every file the run wrote, with its size and time
+
+
+def read_run(directory: str | Path) -> dict[str, Any]:
+    """The ``run.json`` of a qseg run dir.
+
+    A qseg run dir is recognised by its ``run.json`` (written by ``qseg train``) holding the
+    run's ``"config"`` object (``model`` None there means the default model).
+
+    Raises:
+        FileNotFoundError: ``directory`` does not exist.
+        ValueError: it is not a qseg run dir.
+    """
+    path = Path(directory)
+    if not path.is_dir():
+        raise FileNotFoundError(f"run dir {path} does not exist or is not a folder")
+    run_file = path / RUN_FILE
+    not_a_run = f"not a qseg run dir: {path} (expected {RUN_FILE} written by qseg train"
+    if not run_file.is_file():
+        raise ValueError(f"{not_a_run}; there is none)")
+    try:
+        run = json.loads(run_file.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{not_a_run}; {run_file} is not valid JSON: {error})") from error
+    if not isinstance(run, dict) or not isinstance(run.get("config"), dict):
+        raise ValueError(f"{not_a_run}, with a 'config' object)")
+    return run
+
+
+def write_json(path: Path, record: dict[str, Any]) -> None:
+    """Write a run's JSON file (`run.json`, `eval.json`) as indented UTF-8."""
+    path.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
 
 
 def check_output_dir(cfg: TrainConfig) -> Path:
