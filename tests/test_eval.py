@@ -9,10 +9,10 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from qseg.cli import add_eval_arguments
 from qseg.data import Example
 from qseg.eval import (
     ANSWER_ROOM,
-    add_eval_arguments,
     answer_budget,
     evaluate,
     format_table,

@@ -1,4 +1,4 @@
-"""qseg.train on a tiny random Llama: the loss wiring, gradient accumulation, a whole run,
+"""qseg.training on a tiny random Llama: the loss wiring, gradient accumulation, a whole run,
 resume, output-dir safety; plus the real default job and a 4-bit run (slow)."""
 
 from __future__ import annotations
@@ -25,18 +25,19 @@ from transformers import (
 )
 
 import qseg.data
-import qseg.train
-from qseg.cli import build_parser, main, summary
+import qseg.training.trainer
+from qseg.cli import build_parser, main
 from qseg.config import TrainConfig, parse_loss_arg, resolve_config
 from qseg.data import IGNORE_INDEX, DataCollator, build_dataset, load_examples
 from qseg.losses import loss_from_logits
 from qseg.models import LoraSettings, backbone_hidden_states, load_model
 from qseg.run_files import check_output_dir, foreign_files
-from qseg.train import (
+from qseg.training import (
     LossTrainer,
     TargetCounts,
     hidden_states,
     one_gpu_per_process,
+    summary,
     train,
 )
 
@@ -83,7 +84,7 @@ def make_trainer(loaded, out: Path, features, loss: str, ce_scope: str, **args) 
         args=TrainingArguments(output_dir=str(out), **{**settings, **args}),
         train_dataset=features,
         data_collator=DataCollator(loaded.tokenizer.pad_token_id),
-        loss_spec=parse_loss_arg(loss),
+        losses=parse_loss_arg(loss),
         ce_scope=ce_scope,
         chunk_size=7,  # several chunks, to exercise the chunked path
     )
@@ -175,7 +176,7 @@ def test_hidden_states_run_through_the_ddp_wrapper(loaded, monkeypatch, own_forw
             self.calls += 1
             return self.module(*args)
 
-    monkeypatch.setattr(qseg.train, "DistributedDataParallel", StandInDDP)
+    monkeypatch.setattr(qseg.training.trainer, "DistributedDataParallel", StandInDDP)
     model = loaded.model
     if own_forward:
         model.forward = accelerate_like = functools.partial(type(model).forward, model)
