@@ -117,16 +117,16 @@ def test_hidden_state_loss_equals_full_logit_loss(loaded, features, tmp_path, lo
 
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     logits, answer_labels = logits[:, :-1], batch["labels"][:, 1:]
-    spec = dict(trainer.loss_spec)
+    losses = dict(trainer.losses)
     reference = logits.new_zeros(())
     if ce_scope == "sequence":
         sequence_labels = batch["input_ids"][:, 1:].masked_fill(
             batch["attention_mask"][:, 1:] == 0, IGNORE_INDEX
         )
         reference = loss_from_logits(
-            logits, sequence_labels, {"cross_entropy": spec.pop("cross_entropy")}
+            logits, sequence_labels, {"cross_entropy": losses.pop("cross_entropy")}
         )
-    reference = reference + loss_from_logits(logits, answer_labels, spec)
+    reference = reference + loss_from_logits(logits, answer_labels, losses)
     reference_grads = torch.autograd.grad(reference, list(lora_params(model).values()))
 
     torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-6)
