@@ -3,9 +3,9 @@ import json
 
 import pytest
 
+from qseg.cli import add_compare_arguments
 from qseg.compare import (
     BASELINE_LABEL,
-    add_compare_arguments,
     legend_labels,
     load_result,
     loss_label,
