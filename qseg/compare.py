@@ -223,7 +223,13 @@ def _distinct(runs: Sequence[str]) -> list[str]:
 
 
 def run_compare(args: argparse.Namespace) -> int:
-    """``qseg compare``: print the table, save it and the chart. Returns 0.
+    """``qseg compare``: print the table, save it and the chart.
+
+    Args:
+        args: the parsed ``qseg compare`` arguments (see ``qseg.cli.add_compare_arguments``).
+
+    Returns:
+        0.
 
     Raises:
         ValueError: a run without eval results (all such runs are named), or outputs that

@@ -45,13 +45,21 @@ log = logging.getLogger(__name__)
 # Summary entries that count examples rather than score them.
 _COUNTS = ("n", "n_with_steps")
 # The default answer budget: the longest reference answer's tokens, and a quarter more for
-# a model that words it a little longer. A fixed budget cut off right answers: with
-# SmolLM2's digit-by-digit numbers, 8% of MathQA's test answers exceed 96 tokens.
+# a model that words it a little longer. A fixed budget cut off right answers: a
+# tokenizer that writes numbers digit by digit makes long MathQA answers common.
 ANSWER_ROOM = 1.25
 
 
 def answer_budget(examples: Sequence[Example], tokenizer: Any) -> int:
-    """Default ``max_new_tokens`` for ``examples``: room for the longest reference answer."""
+    """Default ``max_new_tokens`` for ``examples``: room for the longest reference answer.
+
+    Args:
+        examples: the examples to be scored (at least one).
+        tokenizer: the model's tokenizer, which counts the answers' tokens.
+
+    Returns:
+        ``ANSWER_ROOM`` times the longest answer's token count, rounded up.
+    """
     return math.ceil(ANSWER_ROOM * max(answer_length(e, tokenizer) for e in examples))
 
 
@@ -73,6 +81,19 @@ def generate(
     generation starts, and the attention mask hides the padding. A continuation stops at
     the tokenizer's EOS (not included) or after ``max_new_tokens`` tokens; special tokens
     are dropped when decoding.
+
+    Args:
+        model: a causal LM (with or without an adapter); its train/eval mode is restored.
+        tokenizer: its tokenizer, with an EOS token.
+        prompts: texts, or token id lists.
+        batch_size: prompts per ``generate`` call.
+        max_new_tokens: the longest continuation, in tokens.
+
+    Returns:
+        The decoded continuations, in the order of ``prompts``.
+
+    Raises:
+        ValueError: a batch size or token limit below 1, no EOS token, or an empty prompt.
     """
     if batch_size < 1 or max_new_tokens < 1:
         raise ValueError(
@@ -139,6 +160,13 @@ def evaluate(
     ``score_choice`` for openbookqa and hellaswag (see ``qseg.metrics``). Answers stop at
     EOS or after ``max_new_tokens`` tokens (None: :func:`answer_budget`).
 
+    Args:
+        model: a causal LM (with or without an adapter).
+        tokenizer: its tokenizer.
+        examples: the examples to score, all from one dataset.
+        batch_size: prompts per ``generate`` call.
+        max_new_tokens: the longest answer in tokens, or None for :func:`answer_budget`.
+
     Returns:
         ``{"summary": {"dataset", "n", <metrics>}, "examples": [{"prompt", "prediction",
         "reference", "metrics"}], "max_new_tokens": the budget used}``.
@@ -180,7 +208,14 @@ def evaluate(
 
 
 def format_table(summary: dict[str, Any]) -> str:
-    """A two-column text table of a summary; fractions with 3 decimals, None as n/a."""
+    """A two-column text table of a summary; fractions with 3 decimals, None as n/a.
+
+    Args:
+        summary: metric name -> value, as :func:`evaluate`'s "summary".
+
+    Returns:
+        The table, one line per metric under a header.
+    """
     width = max(len(name) for name in summary)
     lines = [f"{'metric':<{width}}  value", f"{'-' * width}  -----"]
     for name, value in summary.items():
@@ -195,13 +230,26 @@ def format_table(summary: dict[str, Any]) -> str:
 
 
 def print_table(summary: dict[str, Any]) -> None:
-    """Print :func:`format_table` of a summary."""
+    """Print :func:`format_table` of a summary.
+
+    Args:
+        summary: metric name -> value.
+    """
     print(format_table(summary))
 
 
 def check_held_out(setup: dict[str, Any], config: dict[str, Any], dataset_given: bool) -> None:
     """Refuse to score an adapter on the one file it was trained on unless that file was
-    named; warn when the scored split is the one it was trained on."""
+    named; warn when the scored split is the one it was trained on.
+
+    Args:
+        setup: what is to be scored: its "dataset" and "split".
+        config: the adapter's training config (empty for a base model alone).
+        dataset_given: whether the user named the dataset (--dataset).
+
+    Raises:
+        ValueError: the adapter's one training file, not named by the user.
+    """
     if not config or setup["dataset"] != config.get("dataset"):
         return
     if is_one_file(setup["dataset"]):
@@ -222,7 +270,11 @@ def check_held_out(setup: dict[str, Any], config: dict[str, Any], dataset_given:
 def run_eval(args: argparse.Namespace) -> int:
     """``qseg eval``: load the model (and adapter), generate, score, print and save.
 
-    Returns 0; bad input raises ValueError or FileNotFoundError before the model loads.
+    Args:
+        args: the parsed ``qseg eval`` flags (see ``qseg.cli.add_eval_arguments``).
+
+    Returns:
+        0; bad input raises ValueError or FileNotFoundError before the model loads.
     """
     output = Path(args.output) if args.output else None
     if output is not None and output.is_dir():
