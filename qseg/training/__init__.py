@@ -6,13 +6,12 @@ leaves to read (`run.json` and the summary printed at the end).
 """
 
 from qseg.training.recipe import train
-from qseg.training.record import run_record, summary
+from qseg.training.record import summary
 from qseg.training.trainer import (
     LossTrainer,
     TargetCounts,
     hidden_states,
     one_gpu_per_process,
-    training_arguments,
 )
 
 __all__ = [
@@ -20,8 +19,6 @@ __all__ = [
     "TargetCounts",
     "hidden_states",
     "one_gpu_per_process",
-    "run_record",
     "summary",
     "train",
-    "training_arguments",
 ]
