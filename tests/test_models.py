@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import (
     Gemma2Config,
@@ -21,7 +22,6 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from qseg import models as qmodels
 from qseg.models import (
     LoraSettings,
     align_special_tokens,
@@ -394,7 +394,7 @@ def test_interrupted_gguf_conversion_leaves_no_cache(tmp_path, monkeypatch):
     def killed(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(qmodels.AutoModelForCausalLM, "from_pretrained", killed)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", killed)
     with pytest.raises(KeyboardInterrupt):
         load_model(str(gguf))
     target = gguf_cache_dir(gguf)
