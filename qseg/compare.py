@@ -23,7 +23,7 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from qseg.data import is_one_file
-from qseg.losses import normalize_losses
+from qseg.loss_text import format_losses
 from qseg.metrics import CHOICE_METRICS, LOWER_IS_BETTER, MATH_METRICS
 from qseg.run_files import RUN_FILE, read_run
 
@@ -38,45 +38,14 @@ class RunResult:
     """The eval summary of one run (or report) and what to call it."""
 
     name: str  # the run dir's or report file's name
-    label: str  # the loss mix, e.g. "cross_entropy 0.6 + generalized_dice 0.4"
+    label: str  # the losses, e.g. "cross_entropy:0.6,generalized_dice:0.4"
     summary: dict[str, Any]  # dataset, n and the metrics of qseg.metrics
     scored: str | None = None  # the data scored: "<dataset source> <split>", if known
 
 
-def loss_label(loss: str | Mapping[str, Any] | None) -> str:
-    """A readable loss mix: ``{"cross_entropy": {"weight": 0.6}, "focal": {"weight": 0.4,
-    "gamma": 3}}`` gives ``"cross_entropy 0.6 + focal 0.4 (gamma=3)"``.
-
-    Accepts the canonical form of ``qseg.losses.normalize_losses``, plain weights
-    (``{"cross_entropy": 0.6}``) or a string, which is returned as it is. Parameters left
-    at their default values are not shown.
-    """
-    if loss is None:
-        return "unknown loss"
-    if isinstance(loss, str):
-        return loss
-    terms = []
-    for name, spec in loss.items():
-        params = dict(spec) if isinstance(spec, Mapping) else {"weight": spec}
-        term = f"{name} {_number(params.pop('weight', 1))}"
-        params = _changed_params(name, params)
-        if params:
-            term += " (" + ", ".join(f"{k}={_number(v)}" for k, v in params.items()) + ")"
-        terms.append(term)
-    return " + ".join(terms)
-
-
-def _changed_params(name: str, params: dict[str, Any]) -> dict[str, Any]:
-    """``params`` without those equal to the loss's defaults (all of them for an unknown loss)."""
-    try:
-        defaults = next(iter(normalize_losses({name: 1.0}).values()))
-    except ValueError:
-        return params
-    return {key: value for key, value in params.items() if defaults.get(key) != value}
-
-
-def _number(value: Any) -> str:
-    return f"{value:g}" if isinstance(value, float) else str(value)
+def loss_label(losses: str | Mapping[str, Any] | None) -> str:
+    """The run's losses in their text form, or "unknown loss" when the run does not say."""
+    return "unknown loss" if losses is None else format_losses(losses)
 
 
 def load_result(path: str | Path) -> RunResult:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from typing import Any
 import yaml
 
 from qseg.constants import BACKENDS, CE_SCOPES, FORMATS, LORA_TARGETS, QUANTIZATIONS
+from qseg.loss_text import parse_losses
 from qseg.losses import normalize_losses
 from qseg.run_files import CONFIG_FILE
 
@@ -220,87 +220,22 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def resolve_loss(loss: str | Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    """A loss setting (the --loss grammar, a JSON string, or a mixture dict) in the
+    """A loss setting (the --loss text, a JSON string, or a mapping) in the
     canonical form `{name: {"weight": w, **params}}`."""
     if isinstance(loss, str):
-        mixture = parse_loss_arg(loss)
+        losses = parse_losses(loss)
     elif isinstance(loss, Mapping):
-        mixture = normalize_losses(loss)
+        losses = normalize_losses(loss)
     else:
         raise ValueError(
             f"loss must be a string like 'cross_entropy:0.6,lovasz:0.4' or a mapping; got {loss!r}"
         )
-    if not any(term["weight"] > 0 for term in mixture.values()):
+    if not any(term["weight"] > 0 for term in losses.values()):
         raise ValueError(
             f"the loss weights sum to 0 ({loss!r}): training would not learn; give at least "
             "one term a weight > 0"
         )
-    return mixture
-
-
-def parse_loss_arg(text: str) -> dict[str, dict[str, Any]]:
-    """Parse `--loss`: comma-separated `name[:weight][:param=value...]` or a JSON object.
-
-    Examples: `focal`, `cross_entropy:0.6,lovasz:0.4`, `focal:1:gamma=3`,
-    `lovasz:1:per_sample=true`, `{"focal": {"weight": 1, "gamma": 3}}`.
-    A term without a weight weighs 1. Returns the mixture normalized by
-    `qseg.losses.normalize_losses`, which rejects unknown names and parameters.
-    """
-    text = text.strip()
-    if text.startswith(("{", "[")):
-        try:
-            mixture = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"--loss {text!r} is not valid JSON: {err}") from err
-        if not isinstance(mixture, dict):
-            raise ValueError(
-                f"--loss {text!r}: JSON must be an object, name -> weight or name -> "
-                '{"weight": w, **params}, e.g. {"focal": {"weight": 1, "gamma": 3}}'
-            )
-        return normalize_losses(mixture)
-    if not text:
-        raise ValueError(
-            "--loss is empty; give e.g. 'cross_entropy' or 'cross_entropy:0.6,lovasz:0.4'"
-        )
-
-    mixture: dict[str, Any] = {}
-    for term in text.split(","):
-        name, *rest = [part.strip() for part in term.strip().split(":")]
-        if not name:
-            raise ValueError(
-                f"--loss term {term!r} has no loss name (grammar: name[:weight][:param=value...])"
-            )
-        entry: dict[str, Any] = {}
-        if rest and "=" not in rest[0]:
-            entry["weight"] = _number(rest.pop(0), f"weight of {name!r} in --loss {text!r}")
-        for param in rest:
-            key, sep, value = param.partition("=")
-            if not sep or not key:
-                raise ValueError(
-                    f"--loss term {term!r}: expected param=value after the weight, got {param!r}"
-                )
-            entry[key.strip()] = _scalar(value.strip())
-        if name in mixture:
-            raise ValueError(f"loss {name!r} appears twice in --loss {text!r}")
-        mixture[name] = entry
-    return normalize_losses(mixture)
-
-
-def _number(text: str, what: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise ValueError(f"{what} must be a number, got {text!r}") from None
-
-
-def _scalar(text: str) -> Any:
-    """A parameter value: a number, true/false, or else the text itself."""
-    if text.lower() in ("true", "false"):
-        return text.lower() == "true"
-    try:
-        return float(text)
-    except ValueError:
-        return text
+    return losses
 
 
 def _split_names(text: str) -> list[str]:

@@ -55,14 +55,14 @@ def two_runs(tmp_path):
 
 def test_loss_label():
     canonical = {"cross_entropy": {"weight": 0.6}, "focal": {"weight": 0.4, "gamma": 3.0}}
-    assert loss_label(canonical) == "cross_entropy 0.6 + focal 0.4 (gamma=3)"
+    assert loss_label(canonical) == "cross_entropy:0.6,focal:0.4:gamma=3"
     assert loss_label({"cross_entropy": 0.6, "generalized_dice": 0.4}) == (
-        "cross_entropy 0.6 + generalized_dice 0.4"
+        "cross_entropy:0.6,generalized_dice:0.4"
     )
     # Parameters at their defaults (as qseg.losses.normalize_losses fills them in) are left out.
     defaults = normalize_losses({"cross_entropy": 0.6, "generalized_dice": 0.4})
-    assert loss_label(defaults) == "cross_entropy 0.6 + generalized_dice 0.4"
-    assert loss_label({"mystery": {"weight": 1.0, "k": 2}}) == "mystery 1 (k=2)"
+    assert loss_label(defaults) == "cross_entropy:0.6,generalized_dice:0.4"
+    assert loss_label({"mystery": {"weight": 1.0, "k": 2}}) == "mystery:1:k=2"
     assert loss_label("lovasz") == "lovasz"
     assert loss_label(None) == "unknown loss"
 
@@ -75,9 +75,9 @@ def test_compare_two_runs_writes_table_and_chart(two_runs, tmp_path, capsys):
     lines = table.splitlines()
     assert lines[0] == "| run | loss | dataset | n | exact_match | step_iou | calc_errors |"
     # The best value per metric is bold; lower is better for calc_errors.
-    assert lines[2] == "| ce | cross_entropy 1 | gsm8k | 5 | 0.200 | **0.500** | 0.100 |"
+    assert lines[2] == "| ce | cross_entropy:1 | gsm8k | 5 | 0.200 | **0.500** | 0.100 |"
     assert lines[3] == (
-        "| gdice | cross_entropy 0.6 + generalized_dice 0.4 | gsm8k | 5 "
+        "| gdice | cross_entropy:0.6,generalized_dice:0.4 | gsm8k | 5 "
         "| **0.400** | 0.300 | **0.000** |"
     )
     assert "lower is better for calc_errors" in table
@@ -185,7 +185,7 @@ def test_the_report_train_saves_beside_run_json_is_labelled_by_the_run(two_runs,
     ce = two_runs[0]
     (ce / "eval.json").write_text(json.dumps({"summary": summary(0.2, 0.5, 0.1), "examples": []}))
     result = load_result(ce / "eval.json")
-    assert (result.name, result.label) == ("ce", "cross_entropy 1")
+    assert (result.name, result.label) == ("ce", "cross_entropy:1")
     loose = tmp_path / "loose.json"
     loose.write_text(json.dumps({"summary": summary(0.2, 0.5, 0.1)}))
     assert load_result(loose).label == "unknown loss"

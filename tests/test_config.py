@@ -11,9 +11,9 @@ from qseg.config import (
     PRESETS,
     TrainConfig,
     load_yaml,
-    parse_loss_arg,
     resolve_config,
 )
+from qseg.loss_text import parse_losses
 from qseg.run_files import CONFIG_FILE
 
 CE_GDICE = {"cross_entropy": 0.6, "generalized_dice": 0.4}
@@ -187,7 +187,7 @@ def test_lora_targets_from_text() -> None:
     ],
 )  # fmt: skip
 def test_loss_grammar(text: str, expected: dict) -> None:
-    assert parse_loss_arg(text) == expected
+    assert parse_losses(text) == expected
 
 
 @pytest.mark.parametrize(
@@ -209,7 +209,7 @@ def test_loss_grammar(text: str, expected: dict) -> None:
 )
 def test_loss_grammar_errors(text: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        parse_loss_arg(text)
+        parse_losses(text)
 
 
 def test_loss_setting_accepts_a_yaml_mapping(tmp_path: Path) -> None:

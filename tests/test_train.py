@@ -27,8 +27,9 @@ from transformers import (
 import qseg.data
 import qseg.training.trainer
 from qseg.cli import build_parser, main
-from qseg.config import TrainConfig, parse_loss_arg, resolve_config
+from qseg.config import TrainConfig, resolve_config
 from qseg.data import IGNORE_INDEX, DataCollator, build_dataset, load_examples
+from qseg.loss_text import parse_losses
 from qseg.losses import loss_from_logits
 from qseg.models import LoraSettings, backbone_hidden_states, load_model
 from qseg.run_files import check_output_dir, foreign_files
@@ -84,7 +85,7 @@ def make_trainer(loaded, out: Path, features, loss: str, ce_scope: str, **args) 
         args=TrainingArguments(output_dir=str(out), **{**settings, **args}),
         train_dataset=features,
         data_collator=DataCollator(loaded.tokenizer.pad_token_id),
-        losses=parse_loss_arg(loss),
+        losses=parse_losses(loss),
         ce_scope=ce_scope,
         chunk_size=7,  # several chunks, to exercise the chunked path
     )
@@ -303,7 +304,7 @@ def test_summary_suggests_the_same_run_with_another_loss(tiny_run, tiny_llama_di
     args = vars(build_parser().parse_args(["train", *argv]))
     cfg = resolve_config({k: args[k] for k in ("loss", "output_dir")}, args["config_file"])
     assert cfg.model == str(tiny_llama_dir) and cfg.max_steps == 2  # the run's settings
-    assert cfg.loss == parse_loss_arg("focal:1:gamma=3") and cfg.output_dir == f"{out}-focal"
+    assert cfg.loss == parse_losses("focal:1:gamma=3") and cfg.output_dir == f"{out}-focal"
 
 
 def test_resume_continues_from_the_last_checkpoint(tiny_run, tmp_path):
