@@ -102,7 +102,7 @@ class TrainConfig:
     quantization: str = "auto"
     backend: str = "auto"
     # "auto": on a GPU; off on a CPU, where memory is rarely short and recomputing the
-    # activations costs a third of the step (the default job: 78 vs 112 tokens/s)
+    # activations costs a third of the step
     gradient_checkpointing: bool | str = "auto"
     # outputs
     output_dir: str | None = None  # None: runs/<timestamp>, never an existing folder

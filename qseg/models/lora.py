@@ -59,8 +59,8 @@ def attach_transformers_lora(
 ) -> nn.Module:
     # The base is frozen by peft. Unlike peft's prepare_model_for_kbit_training, its
     # embeddings, norms and head stay in the load dtype (bf16 on a GPU), as unsloth keeps
-    # them: an fp32 copy would add 4 bytes·V·d twice (4 GB for Llama-3-8B, more than an
-    # 8 GB card can spare), and under bf16 autocast they compute in bf16 anyway.
+    # them: an fp32 copy would add 4 bytes·V·d twice, more than a small card can spare
+    # for a large vocabulary, and under bf16 autocast they compute in bf16 anyway.
     if gradient_checkpointing:
         enable_checkpointing(model)
     if adapter is not None:

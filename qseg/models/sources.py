@@ -127,7 +127,7 @@ def convert_gguf(gguf: Path) -> tuple[Path, bool]:
         log.info("using the cached conversion of %s: %s", gguf, target)
         return target, False
 
-    log.info("converting %s to a Hugging Face folder once (~30 s): %s", gguf, target)
+    log.info("converting %s to a Hugging Face folder once: %s", gguf, target)
     start = time.perf_counter()
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
