@@ -1,5 +1,5 @@
 """The README's code runs as written: the loss snippet of "The losses in your own training
-loop", on a plain causal LM and on its peft (LoRA) wrapper."""
+code", on a plain causal LM and on its peft (LoRA) wrapper."""
 
 from pathlib import Path
 
@@ -14,7 +14,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def loss_snippet() -> str:
-    section = README.read_text().split("### 3. The losses in your own training loop")[1]
+    section = README.read_text().split("### 3. The losses in your own training code")[1]
     return section.split("```python")[1].split("```")[0]
 
 
