@@ -127,7 +127,7 @@ def patch_model(
         chunk_memory=chunk_memory,
     )
     # The same name as the original class: save_pretrained records it as the architecture.
-    patched = type(cls.__name__, (cls,), {"forward": _forward_property(cls)})
+    patched = type(cls.__name__, (cls,), {"forward": _PatchedForward(cls)})
     patched.__module__ = cls.__module__
     causal_lm.__dict__.pop("forward", None)
     causal_lm._qseg_patch = state
@@ -167,26 +167,29 @@ def causal_lm_of(model: nn.Module) -> nn.Module:
     return model
 
 
-def _forward_property(cls: type) -> property:
-    """`forward` of a patched model: the qseg forward, or a wrapper assigned around it."""
+class _PatchedForward:
+    """`forward` of a patched model's class: on the class, the qseg forward function (with
+    the original signature, which transformers inspects); on a model, the qseg forward or a
+    wrapper that was assigned around it later."""
 
-    @functools.wraps(cls.forward)
-    def qseg_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        return _patched_call(self, self._qseg_patch, *args, **kwargs)
+    def __init__(self, cls: type) -> None:
+        @functools.wraps(cls.forward)
+        def qseg_forward(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+            return _patched_call(model, model._qseg_patch, *args, **kwargs)
 
-    def get(self: nn.Module) -> Callable:
-        state = self._qseg_patch
-        return state.outer or MethodType(qseg_forward, self)
+        self.function = qseg_forward
 
-    def set_(self: nn.Module, value: Callable) -> None:
-        state = self._qseg_patch
+    def __get__(self, model: nn.Module | None, owner: type) -> Callable:
+        if model is None:
+            return self.function
+        return model._qseg_patch.outer or MethodType(self.function, model)
+
+    def __set__(self, model: nn.Module, value: Callable) -> None:
         if "fused_lm_head" in inspect.signature(value).parameters:
             # TRL's fused head: the qseg forward answers its calls itself.
             return
         # Anything else wraps the forward it read (accelerate's autocast): keep it outside.
-        state.outer = value
-
-    return property(get, set_)
+        model._qseg_patch.outer = value
 
 
 def _patched_call(model: nn.Module, state: _PatchState, *args: Any, **kwargs: Any) -> Any:
