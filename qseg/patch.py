@@ -185,7 +185,7 @@ class _PatchedForward:
         return model._qseg_patch.outer or MethodType(self.function, model)
 
     def __set__(self, model: nn.Module, value: Callable) -> None:
-        if "fused_lm_head" in inspect.signature(value).parameters:
+        if "fused_lm_head" in inspect.signature(value, follow_wrapped=False).parameters:
             # TRL's fused head: the qseg forward answers its calls itself.
             return
         # Anything else wraps the forward it read (accelerate's autocast): keep it outside.
