@@ -4,6 +4,7 @@ needs a GPU, at least compiles."""
 
 from __future__ import annotations
 
+import json
 import os
 import py_compile
 import re
@@ -70,3 +71,24 @@ def test_plain_loop_example_on_smollm2(tmp_path):
 
 def test_unsloth_example_compiles():
     py_compile.compile(str(EXAMPLES / "unsloth_sft.py"), doraise=True)
+
+
+def test_patch_memory_benchmark_runs_both_ways(tmp_path):
+    """`benchmarks/patch_memory.py` runs as a file and as a module; its rows carry figures."""
+    root = EXAMPLES.parent
+    out = tmp_path / "rows.json"
+    for command in (["benchmarks/patch_memory.py"], ["-m", "benchmarks.patch_memory"]):
+        result = subprocess.run(
+            [sys.executable, *command, "--device", "cpu", "--quick", "--losses", "lovasz",
+             "--out", str(out), "--overwrite"],
+            cwd=root, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-2000:]
+        rows = json.loads(out.read_text())
+        assert [row["impl"] for row in rows] == ["backbone", "unpatched", "patched"]
+        assert all(row["peak_mb"] > 0 for row in rows)
+        patched = rows[2]
+        assert patched["peak_mb"] < rows[1]["peak_mb"]
+        assert patched["added_vs_unpatched"] == pytest.approx(
+            (patched["peak_mb"] - rows[0]["peak_mb"]) / rows[1]["peak_mb"], abs=1e-3
+        )
