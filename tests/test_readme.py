@@ -1,5 +1,5 @@
-"""The README's code runs as written: the loss snippet of "The losses in your own training
-code", on a plain causal LM and on its peft (LoRA) wrapper."""
+"""The README's code runs as written: the snippets of "The losses in your own training
+code" (the patch and the fused loss), on a plain causal LM and on its peft (LoRA) wrapper."""
 
 from pathlib import Path
 
@@ -13,13 +13,16 @@ from qseg.losses import loss_from_logits
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def loss_snippet() -> str:
+def snippet(containing: str) -> str:
+    """The python block of "The losses in your own training code" that uses `containing`."""
     section = README.read_text().split("### 3. The losses in your own training code")[1]
-    return section.split("```python")[1].split("```")[0]
+    blocks = [block.split("```")[0] for block in section.split("```python")[1:]]
+    return next(block for block in blocks if containing in block)
 
 
 @pytest.mark.parametrize("wrap", [False, True], ids=["plain", "peft"])
-def test_the_loss_snippet_runs_and_matches_full_logits(wrap):
+@pytest.mark.parametrize("uses", ["fused_linear_loss", "patch_model"])
+def test_the_loss_snippet_runs_and_matches_full_logits(wrap, uses):
     vocab = len(make_byte_tokenizer())
     model = make_tiny_llama(vocab)
     if wrap:
@@ -28,11 +31,11 @@ def test_the_loss_snippet_runs_and_matches_full_logits(wrap):
     attention_mask = torch.ones_like(input_ids)
     labels = input_ids.clone()
     labels[:, :4] = -100  # a prompt
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
     namespace = {"model": model, "input_ids": input_ids, "attention_mask": attention_mask}
     namespace["labels"] = labels
-    exec(loss_snippet(), namespace)
+    exec(snippet(uses), namespace)
 
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
     expected = loss_from_logits(
         logits[:, :-1], labels[:, 1:], {"cross_entropy": 0.6, "generalized_dice": 0.4}
     )
