@@ -380,11 +380,11 @@ def test_missing_nested_and_empty_fields(tmp_path):
 
 
 def test_unknown_layout_lists_known_layouts(tmp_path):
-    path = write_jsonl(tmp_path / "other.jsonl", [{"text": "hello", "target": "world"}])
+    path = write_jsonl(tmp_path / "other.jsonl", [{"body": "hello", "target": "world"}])
     with pytest.raises(ValueError, match="unknown data layout") as info:
         load_examples(str(path))
     message = str(info.value)
-    assert "['target', 'text']" in message
+    assert "['body', 'target']" in message
     for layout in ("gsm8k (question, answer)", "question_stem", "hellaswag (ctx, endings"):
         assert layout in message
 

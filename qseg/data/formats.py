@@ -43,6 +43,10 @@ class Example:
     answer: str
     reference: str
     dataset: str
+    # A conversation (users' chat layouts): tokenization renders it, every assistant turn
+    # scored; `answer` and `reference` are then its last assistant turn, `prompt` is empty.
+    messages: tuple[dict[str, str], ...] | None = None
+    template: bool = True  # render `messages` with the tokenizer's chat template
 
 
 class BadFieldError(ValueError):

@@ -12,17 +12,19 @@ import logging
 import re
 from collections import Counter
 from collections.abc import Iterable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from qseg.data.formats import (
-    DATASETS,
-    BadFieldError,
-    Example,
-    SkipRow,
-    detect_layout,
-    format_row,
-    known_layouts,
+from qseg.data.formats import DATASETS, BadFieldError, Example, SkipRow, format_row
+from qseg.data.layouts import (
+    CHAT_TEMPLATE_MODES,
+    CONVERSATIONAL,
+    check_fields_present,
+    describe,
+    detect,
+    map_fields,
+    wrap_as_chat,
 )
 
 log = logging.getLogger(__name__)
@@ -160,18 +162,47 @@ def _resolve(source: str, split: str) -> tuple[str, Iterator[dict[str, Any]]]:
 
 
 def load_examples(
-    source: str, split: str = "train", *, fmt: str = "steps", limit: int | None = None
+    source: str,
+    split: str = "train",
+    *,
+    fmt: str = "steps",
+    limit: int | None = None,
+    chat_template: str = "auto",
+    fields: dict[str, str] | None = None,
 ) -> list[Example]:
-    """Read a dataset and format it into prompt/answer examples.
+    """Read a dataset and format it into examples (`read_examples` without its summary)."""
+    return read_examples(
+        source, split, fmt=fmt, limit=limit, chat_template=chat_template, fields=fields
+    )[0]
+
+
+def read_examples(
+    source: str,
+    split: str = "train",
+    *,
+    fmt: str = "steps",
+    limit: int | None = None,
+    chat_template: str = "auto",
+    fields: dict[str, str] | None = None,
+) -> tuple[list[Example], dict[str, Any]]:
+    """Read a dataset and format it into examples, with what was decided on the way.
 
     Args:
         source: a dataset name (gsm8k, mathqa, openbookqa, hellaswag: read from the hub),
             ``"gsm8k-sample"`` (shipped with qseg; splits train/test), a hub id, a local
             .jsonl/.json/.parquet file (``split`` is then ignored) or a folder holding one file
-            per split (``dev``/``val`` in a file name stand for ``validation``).
+            per split (``dev``/``val`` in a file name stand for ``validation``). Rows are in
+            one of the paper's layouts or a user layout (`qseg.data.layouts`).
         split: train, validation (alias dev, val) or test.
         fmt: ``"steps"`` (the paper's targets) or ``"full"`` (GSM8K's whole rationale).
         limit: stop after this many examples.
+        chat_template: "auto", "always" or "never" (`layouts.CHAT_TEMPLATE_MODES`); the
+            paper's layouts keep their prompts whatever it says.
+        fields: {layout field: the user's field name}, from `--fields`.
+
+    Returns:
+        (examples, {"layout", "chat_template": "template" | "plain lines" | "none",
+        "rows_dropped": {reason: count}}).
 
     Raises:
         ValueError: unknown layout (the message lists the known ones), a row missing a field
@@ -180,27 +211,37 @@ def load_examples(
     """
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be a positive number of examples, got {limit}")
+    if chat_template not in CHAT_TEMPLATE_MODES:
+        raise ValueError(
+            f"--chat-template must be one of {', '.join(CHAT_TEMPLATE_MODES)}, "
+            f"got {chat_template!r}"
+        )
+    fields = fields or {}
     origin, rows = _resolve(source, split)
     examples: list[Example] = []
     dropped: Counter[str] = Counter()
     layout = None
     for row_number, row in enumerate(rows, 1):
         if layout is None:
-            layout = detect_layout(row)
+            check_fields_present(row, fields, origin)
+            layout = detect(map_fields(row, fields))
             if layout is None:
-                fields = sorted(row) if isinstance(row, dict) else type(row).__name__
+                names = sorted(row) if isinstance(row, dict) else type(row).__name__
                 raise ValueError(
-                    f"{origin}: unknown data layout (row 1 has fields {fields}); "
-                    f"known layouts and their fields: {known_layouts()}"
+                    f"{origin}: unknown data layout (row 1 has fields {names}); "
+                    f"known layouts and their fields: {describe()}; or map your own field "
+                    "names with --fields prompt=...,completion=..."
                 )
         try:
-            examples.append(format_row(row, layout, fmt))
+            example = format_row(map_fields(row, fields), layout, fmt)
         except SkipRow as skip:
             dropped[str(skip)] += 1
+            continue
         except BadFieldError as err:
             raise ValueError(
                 f"{origin}: row {row_number}: {err} ({layout.name} layout needs {layout.fields})"
             ) from err
+        examples.append(_with_chat_decision(example, layout.name, chat_template))
         if limit is not None and len(examples) == limit:
             break
     if layout is None:
@@ -208,4 +249,18 @@ def load_examples(
     log.info("loaded %d %s examples from %s", len(examples), layout.name, origin)
     for reason, count in dropped.items():
         log.warning("dropped %d rows of %s: %s", count, origin, reason)
-    return examples
+    decision = "none"
+    if examples and examples[0].messages is not None:
+        decision = "template" if examples[0].template else "plain lines"
+    info = {"layout": layout.name, "chat_template": decision, "rows_dropped": dict(dropped)}
+    return examples, info
+
+
+def _with_chat_decision(example: Example, layout: str, mode: str) -> Example:
+    """Apply `--chat-template`: conversations render with the template unless "never";
+    plain prompt/completion rows become a user and an assistant turn with "always"."""
+    if layout in CONVERSATIONAL:
+        return replace(example, template=mode != "never")
+    if mode == "always" and layout in ("prompt-completion", "alpaca"):
+        return wrap_as_chat(example)
+    return example

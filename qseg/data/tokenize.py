@@ -21,10 +21,10 @@ from typing import Any
 import torch
 
 from qseg.constants import IGNORE_INDEX, PADDING_SIDES
+from qseg.data.chat import generation_prompt, segments
 from qseg.data.formats import Example, format_prompt
 
 log = logging.getLogger(__name__)
-
 
 
 def _bos(tokenizer: Any) -> list[int]:
@@ -46,7 +46,11 @@ def encode_prompt(example: Example, tokenizer: Any, max_length: int | None = Non
     Training cuts prompts to leave room for the answer; evaluation passes no
     ``max_length``: the model reads the whole question.
     """
-    bos, prompt = _bos(tokenizer), _ids(tokenizer, format_prompt(example))
+    if example.messages is not None:
+        bos = [] if example.template else _bos(tokenizer)  # a template writes its own BOS
+        prompt = _ids(tokenizer, generation_prompt(example.messages, tokenizer, example.template))
+    else:
+        bos, prompt = _bos(tokenizer), _ids(tokenizer, format_prompt(example))
     if max_length is not None:
         keep = max(max_length - len(bos), 0)
         prompt = prompt[-keep:] if keep else []
@@ -68,6 +72,8 @@ def tokenize_example(
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("the tokenizer has no eos_token_id; set tokenizer.eos_token first")
+    if example.messages is not None:
+        return _tokenize_conversation(example, tokenizer, max_length, eos)
     answer = _ids(tokenizer, example.answer) + [eos]
     if len(_bos(tokenizer)) + len(answer) > max_length:
         return None
@@ -77,6 +83,29 @@ def tokenize_example(
         "attention_mask": [1] * (len(prompt) + len(answer)),
         "labels": [IGNORE_INDEX] * len(prompt) + answer,
     }
+
+
+def _tokenize_conversation(
+    example: Example, tokenizer: Any, max_length: int, eos: int
+) -> dict[str, list[int]] | None:
+    """A conversation's ids, every assistant span scored; too long, it loses context tokens
+    from the left, never a scored one (None when that would not be enough)."""
+    ids, labels = [], []
+    if not example.template:
+        ids = labels = _bos(tokenizer)
+        labels = [IGNORE_INDEX] * len(ids)
+    for text, scored in segments(example.messages, tokenizer, example.template):
+        piece = _ids(tokenizer, text)
+        ids = ids + piece
+        labels = labels + (piece if scored else [IGNORE_INDEX] * len(piece))
+    if not example.template:  # a template closes assistant turns itself; plain lines end with EOS
+        ids, labels = ids + [eos], labels + [eos]
+    cut = len(ids) - max_length
+    if cut > 0:
+        if any(label != IGNORE_INDEX for label in labels[:cut]):
+            return None
+        ids, labels = ids[cut:], labels[cut:]
+    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
 
 
 def build_dataset(
