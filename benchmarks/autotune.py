@@ -13,8 +13,8 @@ fastest size whose transient fits the budget (`within_10pct`). A token-wise plan
 budget below the device's, to keep level with fused cross-entropy kernels' memory; what
 that costs in time is reported too (`fastest_in_device_budget`, `ms_vs_device_fastest`).
 
-    python -m benchmarks.autotune --device cpu --out benchmarks/results/autotune_cpu.json
-    python -m benchmarks.autotune --device cuda --out benchmarks/results/gpu/autotune_gpu.json
+    python benchmarks/autotune.py --device cpu --out benchmarks/results/autotune_cpu.json
+    python benchmarks/autotune.py --device cuda --out benchmarks/results/gpu/autotune_gpu.json
 """
 
 from __future__ import annotations
@@ -23,6 +23,9 @@ import argparse
 import sys
 from pathlib import Path
 from typing import Any
+
+if not __package__:  # run as `python benchmarks/autotune.py`: import from the repo root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
@@ -52,7 +55,7 @@ def defaults(device: torch.device, quick: bool) -> dict[str, Any]:
     if quick:
         return dict(shapes=["1024x64"], tokens=256, seq_len=128, dtype="float32", reps=1)
     if device.type == "cpu":
-        # issue 2's shape and SmolLM2's head (V 49152, d 576)
+        # the CPU targets' head and SmolLM2's (V 49152, d 576)
         return dict(
             shapes=["32000x256", "49152x576"], tokens=2048, seq_len=512, dtype="float32", reps=3
         )

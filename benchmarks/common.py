@@ -20,18 +20,19 @@ import gc
 import json
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from qseg.losses import normalize_losses
-from qseg.losses.registry import canonical_name
+from qseg.loss_text import format_losses, parse_losses
+from qseg.losses import canonical_name
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MiB = 1 << 20
@@ -40,6 +41,8 @@ IGNORE_INDEX = -100
 # The worker prints its row on a line starting with this, so that library chatter on
 # stdout cannot be mistaken for it.
 ROW_MARKER = "QSEG_BENCH_ROW "
+# Mixtures were once written `a:0.6+b:0.4`; a "+" before a digit is an exponent's (1e+06).
+_OLD_SEPARATOR = re.compile(r"\+(?=[A-Za-z_])")
 DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -105,27 +108,55 @@ def zipf_labels(
     return labels.masked_fill(ignored, IGNORE_INDEX)
 
 
-def parse_mix(text: str) -> str | dict[str, float]:
-    """`"cross_entropy:0.6+generalized_dice:0.4"` -> {name: weight}; a bare name stays a name."""
-    if "+" not in text and ":" not in text:
-        return text
-    mix = {}
-    for part in text.split("+"):
-        name, sep, weight = part.partition(":")
-        try:
-            mix[name.strip()] = float(weight) if sep else 1.0
-        except ValueError:
-            raise ValueError(
-                f"bad loss mixture {text!r}: write it as name:weight+name:weight"
-            ) from None
-    return mix
+def parse_losses_text(text: str) -> dict[str, dict[str, Any]]:
+    """A mixture's text form, as `qseg train --loss` reads it, to the losses it names.
+
+    Args:
+        text: e.g. `lovasz` or `cross_entropy:0.6,generalized_dice:0.4`.
+
+    Returns:
+        `{canonical name: {"weight": w, **params}}`, as `qseg.losses.normalize_losses`.
+
+    Raises:
+        ValueError: an unknown loss or parameter, a weight that is not a number, or the
+            older `a:0.6+b:0.4` form.
+    """
+    if _OLD_SEPARATOR.search(text):
+        raise ValueError(
+            f"loss mixture {text!r}: write it as name:weight,name:weight "
+            "(e.g. cross_entropy:0.6,lovasz:0.4)"
+        )
+    try:
+        return parse_losses(text)
+    except ValueError as error:
+        raise ValueError(f"{error} (a mixture is written name:weight,name:weight)") from None
 
 
-def mix_label(losses: str | dict[str, float]) -> str:
-    """The inverse of `parse_mix`, for table rows."""
-    if isinstance(losses, str):
-        return losses
-    return "+".join(f"{name}:{weight:g}" for name, weight in losses.items())
+def losses_label(losses: Mapping[str, Any]) -> str:
+    """The text form of `losses` for rows and tables; one loss of weight 1 is its bare name.
+
+    Args:
+        losses: as `parse_losses_text` returns them (or plain weights, name -> w).
+
+    Returns:
+        e.g. `lovasz` or `cross_entropy:0.6,generalized_dice:0.4`.
+    """
+    text = format_losses(losses)
+    name, _, rest = text.partition(":")
+    return name if rest == "1" else text
+
+
+def read_losses_label(text: str) -> str:
+    """A stored row's `loss` in today's text form; rows of earlier runs may carry the older
+    `a:0.6+b:0.4` form, which is read too.
+
+    Args:
+        text: the row's `loss`.
+
+    Returns:
+        The label `losses_label` writes for the same losses.
+    """
+    return losses_label(parse_losses_text(_OLD_SEPARATOR.sub(",", text)))
 
 
 # ------------------------------------------------------------------ argument types
@@ -140,16 +171,13 @@ def loss_arg(text: str) -> str:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
-def mix_arg(text: str) -> str:
-    """A loss mixture (`parse_mix`), checked and written with canonical names."""
+def losses_arg(text: str) -> str:
+    """A loss mixture in its text form (`parse_losses_text`), checked and written again
+    with canonical names (`losses_label`)."""
     try:
-        mix = parse_mix(text)
-        terms = normalize_losses(mix)
+        return losses_label(parse_losses_text(text))
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
-    if isinstance(mix, str):
-        return next(iter(terms))
-    return mix_label({name: term["weight"] for name, term in terms.items()})
 
 
 def positive_int(text: str) -> int:
