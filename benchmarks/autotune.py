@@ -52,6 +52,15 @@ COLUMNS = (
 
 
 def defaults(device: torch.device, quick: bool) -> dict[str, Any]:
+    """The flags' defaults by device (`--quick`: tiny shapes).
+
+    Args:
+        device: where the cases run.
+        quick: `--quick`.
+
+    Returns:
+        Flag name -> default value.
+    """
     if quick:
         return dict(shapes=["1024x64"], tokens=256, seq_len=128, dtype="float32", reps=1)
     if device.type == "cpu":
@@ -63,6 +72,15 @@ def defaults(device: torch.device, quick: bool) -> dict[str, Any]:
 
 
 def build_cases(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
+    """The sweep's cases: per shape a torch CE row, and per loss every chunk size and "auto".
+
+    Args:
+        args: the parsed flags.
+        device: where the cases run.
+
+    Returns:
+        The cases, as `loss_memory.run_case` reads them.
+    """
     sizes = args.sizes or [2**k for k in range(6, 20) if 2**k <= args.tokens]
     cases = []
     for shape in args.shapes:
@@ -96,7 +114,14 @@ def _sweeps(rows: list[dict[str, Any]]) -> dict[tuple, list[dict[str, Any]]]:
 
 
 def analyse(rows: list[dict[str, Any]]) -> list[str]:
-    """Add transient/estimate/fit columns and judge each pick; return the lines to print."""
+    """Add transient, estimate and fit columns to the sweep's rows and judge each pick.
+
+    Args:
+        rows: measured rows (`loss_memory.run_all`); changed in place.
+
+    Returns:
+        The lines to print, one per (shape, loss) whose pick could be judged.
+    """
     lines = []
     for (tokens, vocab, dim, dtype, loss), group in _sweeps(rows).items():
         picks = [r for r in group if r.get("chunk_budget_mb") is not None]
@@ -160,7 +185,12 @@ def _cost_of_a_held_budget(pick: dict[str, Any], group: list[dict[str, Any]]) ->
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
-    """One panel per (shape, loss): time and peak memory against rows per chunk."""
+    """One panel per (shape, loss): time and peak memory against rows per chunk.
+
+    Args:
+        rows: after `analyse`.
+        path: the PNG to write.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -207,6 +237,11 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """The command line: measure the cases, print the table and verdicts, write the rows.
+
+    Args:
+        argv: the arguments; None reads `sys.argv`.
+    """
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

@@ -57,18 +57,40 @@ DTYPES = {
 
 
 def parse_dtype(name: str) -> torch.dtype:
-    """`"bf16"`/`"bfloat16"` (and fp32, fp16) to a torch dtype."""
+    """`"bf16"`/`"bfloat16"` (and fp32, fp16) to a torch dtype.
+
+    Args:
+        name: a key of `DTYPES`.
+
+    Returns:
+        The dtype.
+    """
     if name not in DTYPES:
         raise ValueError(f"unknown dtype {name!r}; allowed: {', '.join(DTYPES)}")
     return DTYPES[name]
 
 
 def dtype_name(dtype: torch.dtype) -> str:
+    """The name rows give a dtype, e.g. "bfloat16".
+
+    Args:
+        dtype: a torch dtype.
+
+    Returns:
+        Its name without "torch.".
+    """
     return str(dtype).removeprefix("torch.")
 
 
 def resolve_device(name: str) -> torch.device:
-    """`"auto"` takes CUDA when present; asking for CUDA without one is an error."""
+    """`"auto"` takes CUDA when present; asking for CUDA without one is an error.
+
+    Args:
+        name: `--device`: cpu, cuda (or cuda:N) or auto.
+
+    Returns:
+        The device.
+    """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
@@ -80,7 +102,14 @@ def resolve_device(name: str) -> torch.device:
 
 
 def device_name(device: torch.device) -> str:
-    """The card's name (as `torch.cuda.get_device_name` gives it), or `"cpu"`."""
+    """The card's name (as `torch.cuda.get_device_name` gives it), or `"cpu"`.
+
+    Args:
+        device: a CPU or CUDA device.
+
+    Returns:
+        The name rows carry in `device`.
+    """
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
@@ -164,7 +193,14 @@ def read_losses_label(text: str) -> str:
 
 
 def loss_arg(text: str) -> str:
-    """A loss name or alias, as its canonical name (rows and verdicts use those)."""
+    """A loss name or alias, as its canonical name (rows and verdicts use those).
+
+    Args:
+        text: the flag's value.
+
+    Returns:
+        The canonical name.
+    """
     try:
         return canonical_name(text)
     except ValueError as error:
@@ -173,7 +209,14 @@ def loss_arg(text: str) -> str:
 
 def losses_arg(text: str) -> str:
     """A loss mixture in its text form (`parse_losses_text`), checked and written again
-    with canonical names (`losses_label`)."""
+    with canonical names (`losses_label`).
+
+    Args:
+        text: the flag's value.
+
+    Returns:
+        The mixture's label, e.g. `cross_entropy:0.6,generalized_dice:0.4`.
+    """
     try:
         return losses_label(parse_losses_text(text))
     except ValueError as error:
@@ -181,12 +224,28 @@ def losses_arg(text: str) -> str:
 
 
 def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1.
+
+    Args:
+        text: the flag's value.
+
+    Returns:
+        The number.
+    """
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer; got {text!r}")
     return int(text)
 
 
 def positive_float(text: str) -> float:
+    """An argparse type: a finite number above 0.
+
+    Args:
+        text: the flag's value.
+
+    Returns:
+        The number.
+    """
     try:
         value = float(text)
     except ValueError:
@@ -200,6 +259,14 @@ def positive_float(text: str) -> float:
 
 
 def proc_status_kb(field: str) -> int:
+    """One memory field of `/proc/self/status` (VmRSS, VmHWM...).
+
+    Args:
+        field: the field's name.
+
+    Returns:
+        Its value in KiB.
+    """
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1])
@@ -207,7 +274,15 @@ def proc_status_kb(field: str) -> int:
 
 
 def peak_added_mb(call: Callable[[], Any], device: torch.device) -> float:
-    """Peak memory added while `call()` runs, in MiB (see the module docstring)."""
+    """Peak memory added while `call()` runs, in MiB (see the module docstring).
+
+    Args:
+        call: the measured call.
+        device: where it allocates.
+
+    Returns:
+        The peak above what was allocated before the call.
+    """
     gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -231,7 +306,17 @@ def peak_added_mb(call: Callable[[], Any], device: torch.device) -> float:
 def median_ms(
     call: Callable[[], Any], reset: Callable[[], None], device: torch.device, reps: int
 ) -> float:
-    """Median wall time of `reps` calls in milliseconds, `reset()` run before each, untimed."""
+    """Median wall time of `reps` calls in milliseconds, `reset()` run before each, untimed.
+
+    Args:
+        call: the timed call.
+        reset: run before each call, outside the timing.
+        device: CUDA calls are synchronized around.
+        reps: how many calls.
+
+    Returns:
+        The median in milliseconds.
+    """
     times = []
     for _ in range(reps):
         reset()
@@ -252,6 +337,15 @@ def measure(
 
     One warm-up call first, at full size, so that kernel compilation, autotuning and
     one-time workspaces stay out of both figures; then the memory call; then the timed ones.
+
+    Args:
+        call: the forward+backward.
+        reset: undoes what a call leaves (gradients), run before each call.
+        device: where it runs.
+        reps: timed calls.
+
+    Returns:
+        (peak added MiB, median ms).
     """
     reset()
     call()
@@ -266,6 +360,14 @@ def kernel_profile(call: Callable[[], Any], device: torch.device, top: int = 12)
 
     `device_ms` far below the call's wall time means the device waits on the host
     (launches, Python), not on its kernels.
+
+    Args:
+        call: the profiled call.
+        device: where it runs.
+        top: how many of the largest to keep.
+
+    Returns:
+        `device_ms`, `launches` and `top` (name, calls, ms of each).
     """
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
@@ -290,7 +392,14 @@ def kernel_profile(call: Callable[[], Any], device: torch.device, top: int = 12)
 
 
 def clear_grads(*tensors: torch.Tensor) -> Callable[[], None]:
-    """A `reset` for `measure`: drop the gradients the last call left."""
+    """A `reset` for `measure`: drop the gradients the last call left.
+
+    Args:
+        tensors: the tensors whose `.grad` is dropped.
+
+    Returns:
+        The reset function.
+    """
 
     def reset() -> None:
         for t in tensors:
@@ -300,6 +409,14 @@ def clear_grads(*tensors: torch.Tensor) -> Callable[[], None]:
 
 
 def is_oom(error: BaseException) -> bool:
+    """Whether `error` is a device (or host) out-of-memory error.
+
+    Args:
+        error: the caught exception.
+
+    Returns:
+        True for out of memory.
+    """
     return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
 
 
@@ -310,6 +427,14 @@ def run_isolated(module: str, case: dict[str, Any], timeout: float) -> dict[str,
     """Run `python -m module --case JSON` in a fresh process and return the row it prints.
 
     A crash, a timeout or a missing row becomes the case's row with an `error`.
+
+    Args:
+        module: the worker, e.g. "benchmarks.loss_memory".
+        case: the case, passed as JSON.
+        timeout: seconds before the worker is killed.
+
+    Returns:
+        The worker's row, or an error row (`status` "timeout" after a timeout).
     """
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
@@ -339,25 +464,53 @@ def _text(output: str | bytes | None) -> str:
 
 
 def emit_row(row: dict[str, Any]) -> None:
-    """The worker's side of `run_isolated`."""
+    """The worker's side of `run_isolated`: print the row where it looks for it.
+
+    Args:
+        row: JSON-serialisable.
+    """
     print(ROW_MARKER + json.dumps(row), flush=True)
 
 
 def error_row(case: dict[str, Any], message: str) -> dict[str, Any]:
-    """The case's own fields (model, cap, ... too) with the error in place of figures."""
+    """The case's own fields (model, cap, ... too) with the error in place of figures.
+
+    Args:
+        case: the case that failed.
+        message: what went wrong.
+
+    Returns:
+        The row.
+    """
     row = {**{key: None for key in ROW_FIELDS}, **case}
     row.update(peak_mb=None, ms=None, error=message)
     return row
 
 
 def skipped_row(case: dict[str, Any], reason: str) -> dict[str, Any]:
+    """A row for a case that cannot run here, saying why.
+
+    Args:
+        case: the case.
+        reason: why it was skipped.
+
+    Returns:
+        The row, with `skipped` and no figures.
+    """
     row = {key: case.get(key) for key in ROW_FIELDS}
     row.update(peak_mb=None, ms=None, skipped=reason)
     return row
 
 
 def measured(row: dict[str, Any]) -> bool:
-    """True for rows that carry figures (not skipped, not failed)."""
+    """True for rows that carry figures (not skipped, not failed).
+
+    Args:
+        row: a result row.
+
+    Returns:
+        Whether it was measured.
+    """
     return "skipped" not in row and "error" not in row
 
 
@@ -365,7 +518,11 @@ def measured(row: dict[str, Any]) -> bool:
 
 
 def add_output_args(parser: argparse.ArgumentParser) -> None:
-    """Flags every benchmark takes: device, quick mode, output, and the worker's entry."""
+    """Flags every benchmark takes: device, quick mode, output, and the worker's entry.
+
+    Args:
+        parser: the benchmark's parser; changed in place.
+    """
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
     parser.add_argument(
         "--quick", action="store_true", help="tiny shapes, to check the script runs"
@@ -376,14 +533,25 @@ def add_output_args(parser: argparse.ArgumentParser) -> None:
 
 
 def check_out_path(path: Path | None, overwrite: bool) -> None:
-    """Refuse, before any work, to replace an existing output file unless told to."""
+    """Refuse, before any work, to replace an existing output file unless told to.
+
+    Args:
+        path: `--out` (None: no file).
+        overwrite: `--overwrite`.
+    """
     if path is not None and path.exists() and not overwrite:
         raise SystemExit(f"{path} exists; pass --overwrite to replace it or choose another --out")
 
 
 def write_json(rows: Sequence[dict[str, Any]], path: Path, quiet: bool = False) -> None:
     """Write the rows; benchmarks call it after every case too, so a run cut short by a
-    timeout still leaves what it measured."""
+    timeout still leaves what it measured.
+
+    Args:
+        rows: the rows so far.
+        path: the JSON file.
+        quiet: do not print a line saying so.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     # Written whole, then renamed: a run killed mid-write leaves the last complete file.
     partial = path.with_name(path.name + ".partial")
@@ -406,7 +574,15 @@ def _cell(value: Any) -> str:
 
 
 def markdown_table(rows: Iterable[dict[str, Any]], columns: Sequence[str]) -> str:
-    """A markdown table of `columns`; a `note` column says why a row was skipped or failed."""
+    """A markdown table of `columns`; a `note` column says why a row was skipped or failed.
+
+    Args:
+        rows: result rows.
+        columns: the row keys to show.
+
+    Returns:
+        The table's text.
+    """
     lines = ["| " + " | ".join((*columns, "note")) + " |", "|" + "---|" * (len(columns) + 1)]
     for row in rows:
         note = row.get("skipped") or row.get("error") or row.get("note") or ""

@@ -84,7 +84,15 @@ LIGER_BOUNDS = {"token": (1.0, 1.2), "region": (1.5, 1.6)}
 def make_loss(case: dict[str, Any], labels: torch.Tensor) -> Callable[..., torch.Tensor]:
     """The loss of `case["impl"]` as f(hidden, weight) -> 0-dim tensor.
 
-    Raises ImportError when the implementation's package is missing.
+    Args:
+        case: the case (`impl`, `loss`, `chunk_size`).
+        labels: (B, T) token ids, IGNORE_INDEX where ignored.
+
+    Returns:
+        f(hidden (B, T, d), weight (V, d)) -> the mean loss.
+
+    Raises:
+        ImportError: the implementation's package is missing.
     """
     impl, loss, chunk = case["impl"], case["loss"], case["chunk_size"]
     flat_labels = labels.view(-1)
@@ -107,7 +115,14 @@ def make_loss(case: dict[str, Any], labels: torch.Tensor) -> Callable[..., torch
 
 
 def run_case(case: dict[str, Any]) -> dict[str, Any]:
-    """Measure one (impl, loss, shape) case in this process and return its row."""
+    """Measure one (impl, loss, shape) case in this process.
+
+    Args:
+        case: from `build_cases` (or `autotune.build_cases`).
+
+    Returns:
+        The case's row: `peak_mb` and `ms`, or why it was skipped or failed.
+    """
     device = torch.device(case["device"])
     dtype = common.parse_dtype(case["dtype"])
     if device.type == "cpu":
@@ -174,7 +189,17 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
 
 
 def parse_shape(text: str) -> tuple[int, int]:
-    """A named head (`llama3`, `qwen2.5`) or `VxD`, to (vocab, hidden)."""
+    """A named head (`llama3`, `qwen2.5`) or `VxD`, to (vocab, hidden).
+
+    Args:
+        text: as given to `--shapes`.
+
+    Returns:
+        (V, d).
+
+    Raises:
+        ValueError: neither a named head nor `VxD` with positive numbers.
+    """
     if text in SHAPES:
         return SHAPES[text]
     vocab, sep, dim = text.partition("x")
@@ -186,7 +211,14 @@ def parse_shape(text: str) -> tuple[int, int]:
 
 
 def shape_arg(text: str) -> str:
-    """`--shapes`: a shape `parse_shape` reads, kept as written (rows name it so)."""
+    """`--shapes`: a shape `parse_shape` reads, kept as written (rows name it so).
+
+    Args:
+        text: the flag's value.
+
+    Returns:
+        `text`, checked.
+    """
     try:
         parse_shape(text)
     except ValueError as error:
@@ -195,7 +227,14 @@ def shape_arg(text: str) -> str:
 
 
 def parse_chunk(text: str) -> int | str:
-    """`--chunk-size`: a positive number of rows, or "auto"."""
+    """`--chunk-size`: a positive number of rows, or "auto".
+
+    Args:
+        text: the flag's value.
+
+    Returns:
+        The number of rows, or "auto".
+    """
     if text == "auto":
         return text
     if not text.isdigit() or int(text) < 1:
@@ -237,7 +276,20 @@ def defaults(device: torch.device, quick: bool) -> dict[str, Any]:
 def base_case(
     args: argparse.Namespace, device: torch.device, shape: str, tokens: int
 ) -> dict[str, Any]:
-    """The fields every case of one shape and token count shares (also for autotune.py)."""
+    """The fields every case of one shape and token count shares (also for autotune.py).
+
+    Args:
+        args: the parsed flags (seq_len, dtype, reps, seed, threads).
+        device: where the cases run.
+        shape: a `--shapes` value.
+        tokens: tokens per batch (B*T).
+
+    Returns:
+        The shared fields.
+
+    Raises:
+        ValueError: `tokens` is not a multiple of the sequence length.
+    """
     vocab, dim = parse_shape(shape)
     seq_len = min(args.seq_len, tokens)
     if tokens % seq_len:
@@ -256,6 +308,15 @@ def base_case(
 
 
 def build_cases(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
+    """Every (shape, tokens, impl, loss) case; torch, Liger and CCE run cross-entropy only.
+
+    Args:
+        args: the parsed flags.
+        device: where the cases run.
+
+    Returns:
+        The cases, as `run_case` reads them.
+    """
     cases = []
     for shape in args.shapes:
         for tokens in args.tokens:
@@ -275,7 +336,18 @@ def run_all(
     timeout: float,
     out: Path | None = None,
 ) -> list[dict]:
-    """Measure every case (skipping what cannot run here); rows so far are kept in `out`."""
+    """Measure every case (skipping what cannot run here); rows so far are kept in `out`.
+
+    Args:
+        cases: from `build_cases`.
+        device: where they run.
+        isolate: run each in a fresh process (`common.run_isolated`).
+        timeout: seconds per isolated case.
+        out: where to write the rows after every case; None writes nothing.
+
+    Returns:
+        One row per case, in order.
+    """
     rows = []
     for case in cases:
         if case["impl"] in ("liger", "cce") and device.type != "cuda":
@@ -307,7 +379,14 @@ def _progress(row: dict[str, Any]) -> str:
 
 
 def profile_text(row: dict[str, Any]) -> str:
-    """A profiled row's kernels, largest first, against its median wall time."""
+    """A profiled row's kernels, largest first, against its median wall time.
+
+    Args:
+        row: a row with a `profile` (`--profile`).
+
+    Returns:
+        The lines to print.
+    """
     profile = row["profile"]
     what = ("operators", "CPU time") if row["device"] == "cpu" else ("kernels", "device time")
     lines = [
@@ -319,7 +398,11 @@ def profile_text(row: dict[str, Any]) -> str:
 
 
 def add_ratios(rows: list[dict[str, Any]]) -> None:
-    """Ratio columns against torch CE, the same loss's naive row, and Liger, per shape."""
+    """Ratio columns against torch CE, the same loss's naive row, and Liger, per shape.
+
+    Args:
+        rows: measured rows; changed in place.
+    """
 
     def key(row: dict) -> tuple:
         return row["tokens"], row["vocab"], row["hidden"], row["dtype"]
@@ -381,6 +464,11 @@ def check_criteria(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """The command line: measure the cases, print the table and verdicts, write the rows.
+
+    Args:
+        argv: the arguments; None reads `sys.argv`.
+    """
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
