@@ -13,8 +13,8 @@ fastest size whose transient fits the budget (`within_10pct`). A token-wise plan
 budget below the device's, to keep level with fused cross-entropy kernels' memory; what
 that costs in time is reported too (`fastest_in_device_budget`, `ms_vs_device_fastest`).
 
-    python -m benchmarks.autotune --device cpu --out benchmarks/results/autotune_cpu.json
-    python -m benchmarks.autotune --device cuda --out benchmarks/results/gpu/autotune_gpu.json
+    python benchmarks/autotune.py --device cpu --out benchmarks/results/autotune_cpu.json
+    python benchmarks/autotune.py --device cuda --out benchmarks/results/gpu/autotune_gpu.json
 """
 
 from __future__ import annotations
@@ -23,6 +23,9 @@ import argparse
 import sys
 from pathlib import Path
 from typing import Any
+
+if not __package__:  # run as `python benchmarks/autotune.py`: import from the repo root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
@@ -49,10 +52,19 @@ COLUMNS = (
 
 
 def defaults(device: torch.device, quick: bool) -> dict[str, Any]:
+    """The flags' defaults by device (`--quick`: tiny shapes).
+
+    Args:
+        device: where the cases run.
+        quick: `--quick`.
+
+    Returns:
+        Flag name -> default value.
+    """
     if quick:
         return dict(shapes=["1024x64"], tokens=256, seq_len=128, dtype="float32", reps=1)
     if device.type == "cpu":
-        # issue 2's shape and SmolLM2's head (V 49152, d 576)
+        # the CPU targets' head and SmolLM2's (V 49152, d 576)
         return dict(
             shapes=["32000x256", "49152x576"], tokens=2048, seq_len=512, dtype="float32", reps=3
         )
@@ -60,6 +72,15 @@ def defaults(device: torch.device, quick: bool) -> dict[str, Any]:
 
 
 def build_cases(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
+    """The sweep's cases: per shape a torch CE row, and per loss every chunk size and "auto".
+
+    Args:
+        args: the parsed flags.
+        device: where the cases run.
+
+    Returns:
+        The cases, as `loss_memory.run_case` reads them.
+    """
     sizes = args.sizes or [2**k for k in range(6, 20) if 2**k <= args.tokens]
     cases = []
     for shape in args.shapes:
@@ -93,7 +114,14 @@ def _sweeps(rows: list[dict[str, Any]]) -> dict[tuple, list[dict[str, Any]]]:
 
 
 def analyse(rows: list[dict[str, Any]]) -> list[str]:
-    """Add transient/estimate/fit columns and judge each pick; return the lines to print."""
+    """Add transient, estimate and fit columns to the sweep's rows and judge each pick.
+
+    Args:
+        rows: measured rows (`loss_memory.run_all`); changed in place.
+
+    Returns:
+        The lines to print, one per (shape, loss) whose pick could be judged.
+    """
     lines = []
     for (tokens, vocab, dim, dtype, loss), group in _sweeps(rows).items():
         picks = [r for r in group if r.get("chunk_budget_mb") is not None]
@@ -157,7 +185,12 @@ def _cost_of_a_held_budget(pick: dict[str, Any], group: list[dict[str, Any]]) ->
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
-    """One panel per (shape, loss): time and peak memory against rows per chunk."""
+    """One panel per (shape, loss): time and peak memory against rows per chunk.
+
+    Args:
+        rows: after `analyse`.
+        path: the PNG to write.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -204,6 +237,11 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """The command line: measure the cases, print the table and verdicts, write the rows.
+
+    Args:
+        argv: the arguments; None reads `sys.argv`.
+    """
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

@@ -20,18 +20,19 @@ import gc
 import json
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from qseg.losses import normalize_losses
-from qseg.losses.registry import canonical_name
+from qseg.loss_text import format_losses, parse_losses
+from qseg.losses import canonical_name
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MiB = 1 << 20
@@ -40,6 +41,8 @@ IGNORE_INDEX = -100
 # The worker prints its row on a line starting with this, so that library chatter on
 # stdout cannot be mistaken for it.
 ROW_MARKER = "QSEG_BENCH_ROW "
+# Mixtures were once written `a:0.6+b:0.4`; a "+" before a digit is an exponent's (1e+06).
+_OLD_SEPARATOR = re.compile(r"\+(?=[A-Za-z_])")
 DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -54,18 +57,40 @@ DTYPES = {
 
 
 def parse_dtype(name: str) -> torch.dtype:
-    """`"bf16"`/`"bfloat16"` (and fp32, fp16) to a torch dtype."""
+    """`"bf16"`/`"bfloat16"` (and fp32, fp16) to a torch dtype.
+
+    Args:
+        name: a key of `DTYPES`.
+
+    Returns:
+        The dtype.
+    """
     if name not in DTYPES:
         raise ValueError(f"unknown dtype {name!r}; allowed: {', '.join(DTYPES)}")
     return DTYPES[name]
 
 
 def dtype_name(dtype: torch.dtype) -> str:
+    """The name rows give a dtype, e.g. "bfloat16".
+
+    Args:
+        dtype: a torch dtype.
+
+    Returns:
+        Its name without "torch.".
+    """
     return str(dtype).removeprefix("torch.")
 
 
 def resolve_device(name: str) -> torch.device:
-    """`"auto"` takes CUDA when present; asking for CUDA without one is an error."""
+    """`"auto"` takes CUDA when present; asking for CUDA without one is an error.
+
+    Args:
+        name: `--device`: cpu, cuda (or cuda:N) or auto.
+
+    Returns:
+        The device.
+    """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
@@ -77,7 +102,14 @@ def resolve_device(name: str) -> torch.device:
 
 
 def device_name(device: torch.device) -> str:
-    """The card's name (as `torch.cuda.get_device_name` gives it), or `"cpu"`."""
+    """The card's name (as `torch.cuda.get_device_name` gives it), or `"cpu"`.
+
+    Args:
+        device: a CPU or CUDA device.
+
+    Returns:
+        The name rows carry in `device`.
+    """
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
@@ -105,27 +137,55 @@ def zipf_labels(
     return labels.masked_fill(ignored, IGNORE_INDEX)
 
 
-def parse_mix(text: str) -> str | dict[str, float]:
-    """`"cross_entropy:0.6+generalized_dice:0.4"` -> {name: weight}; a bare name stays a name."""
-    if "+" not in text and ":" not in text:
-        return text
-    mix = {}
-    for part in text.split("+"):
-        name, sep, weight = part.partition(":")
-        try:
-            mix[name.strip()] = float(weight) if sep else 1.0
-        except ValueError:
-            raise ValueError(
-                f"bad loss mixture {text!r}: write it as name:weight+name:weight"
-            ) from None
-    return mix
+def parse_losses_text(text: str) -> dict[str, dict[str, Any]]:
+    """A mixture's text form, as `qseg train --loss` reads it, to the losses it names.
+
+    Args:
+        text: e.g. `lovasz` or `cross_entropy:0.6,generalized_dice:0.4`.
+
+    Returns:
+        `{canonical name: {"weight": w, **params}}`, as `qseg.losses.normalize_losses`.
+
+    Raises:
+        ValueError: an unknown loss or parameter, a weight that is not a number, or the
+            older `a:0.6+b:0.4` form.
+    """
+    if _OLD_SEPARATOR.search(text):
+        raise ValueError(
+            f"loss mixture {text!r}: write it as name:weight,name:weight "
+            "(e.g. cross_entropy:0.6,lovasz:0.4)"
+        )
+    try:
+        return parse_losses(text)
+    except ValueError as error:
+        raise ValueError(f"{error} (a mixture is written name:weight,name:weight)") from None
 
 
-def mix_label(losses: str | dict[str, float]) -> str:
-    """The inverse of `parse_mix`, for table rows."""
-    if isinstance(losses, str):
-        return losses
-    return "+".join(f"{name}:{weight:g}" for name, weight in losses.items())
+def losses_label(losses: Mapping[str, Any]) -> str:
+    """The text form of `losses` for rows and tables; one loss of weight 1 is its bare name.
+
+    Args:
+        losses: as `parse_losses_text` returns them (or plain weights, name -> w).
+
+    Returns:
+        e.g. `lovasz` or `cross_entropy:0.6,generalized_dice:0.4`.
+    """
+    text = format_losses(losses)
+    name, _, rest = text.partition(":")
+    return name if rest == "1" else text
+
+
+def read_losses_label(text: str) -> str:
+    """A stored row's `loss` in today's text form; rows of earlier runs may carry the older
+    `a:0.6+b:0.4` form, which is read too.
+
+    Args:
+        text: the row's `loss`.
+
+    Returns:
+        The label `losses_label` writes for the same losses.
+    """
+    return losses_label(parse_losses_text(_OLD_SEPARATOR.sub(",", text)))
 
 
 # ------------------------------------------------------------------ argument types
@@ -133,32 +193,59 @@ def mix_label(losses: str | dict[str, float]) -> str:
 
 
 def loss_arg(text: str) -> str:
-    """A loss name or alias, as its canonical name (rows and verdicts use those)."""
+    """A loss name or alias, as its canonical name (rows and verdicts use those).
+
+    Args:
+        text: the flag's value.
+
+    Returns:
+        The canonical name.
+    """
     try:
         return canonical_name(text)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
-def mix_arg(text: str) -> str:
-    """A loss mixture (`parse_mix`), checked and written with canonical names."""
+def losses_arg(text: str) -> str:
+    """A loss mixture in its text form (`parse_losses_text`), checked and written again
+    with canonical names (`losses_label`).
+
+    Args:
+        text: the flag's value.
+
+    Returns:
+        The mixture's label, e.g. `cross_entropy:0.6,generalized_dice:0.4`.
+    """
     try:
-        mix = parse_mix(text)
-        terms = normalize_losses(mix)
+        return losses_label(parse_losses_text(text))
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
-    if isinstance(mix, str):
-        return next(iter(terms))
-    return mix_label({name: term["weight"] for name, term in terms.items()})
 
 
 def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1.
+
+    Args:
+        text: the flag's value.
+
+    Returns:
+        The number.
+    """
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer; got {text!r}")
     return int(text)
 
 
 def positive_float(text: str) -> float:
+    """An argparse type: a finite number above 0.
+
+    Args:
+        text: the flag's value.
+
+    Returns:
+        The number.
+    """
     try:
         value = float(text)
     except ValueError:
@@ -172,6 +259,14 @@ def positive_float(text: str) -> float:
 
 
 def proc_status_kb(field: str) -> int:
+    """One memory field of `/proc/self/status` (VmRSS, VmHWM...).
+
+    Args:
+        field: the field's name.
+
+    Returns:
+        Its value in KiB.
+    """
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1])
@@ -179,7 +274,15 @@ def proc_status_kb(field: str) -> int:
 
 
 def peak_added_mb(call: Callable[[], Any], device: torch.device) -> float:
-    """Peak memory added while `call()` runs, in MiB (see the module docstring)."""
+    """Peak memory added while `call()` runs, in MiB (see the module docstring).
+
+    Args:
+        call: the measured call.
+        device: where it allocates.
+
+    Returns:
+        The peak above what was allocated before the call.
+    """
     gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -203,7 +306,17 @@ def peak_added_mb(call: Callable[[], Any], device: torch.device) -> float:
 def median_ms(
     call: Callable[[], Any], reset: Callable[[], None], device: torch.device, reps: int
 ) -> float:
-    """Median wall time of `reps` calls in milliseconds, `reset()` run before each, untimed."""
+    """Median wall time of `reps` calls in milliseconds, `reset()` run before each, untimed.
+
+    Args:
+        call: the timed call.
+        reset: run before each call, outside the timing.
+        device: CUDA calls are synchronized around.
+        reps: how many calls.
+
+    Returns:
+        The median in milliseconds.
+    """
     times = []
     for _ in range(reps):
         reset()
@@ -224,6 +337,15 @@ def measure(
 
     One warm-up call first, at full size, so that kernel compilation, autotuning and
     one-time workspaces stay out of both figures; then the memory call; then the timed ones.
+
+    Args:
+        call: the forward+backward.
+        reset: undoes what a call leaves (gradients), run before each call.
+        device: where it runs.
+        reps: timed calls.
+
+    Returns:
+        (peak added MiB, median ms).
     """
     reset()
     call()
@@ -238,6 +360,14 @@ def kernel_profile(call: Callable[[], Any], device: torch.device, top: int = 12)
 
     `device_ms` far below the call's wall time means the device waits on the host
     (launches, Python), not on its kernels.
+
+    Args:
+        call: the profiled call.
+        device: where it runs.
+        top: how many of the largest to keep.
+
+    Returns:
+        `device_ms`, `launches` and `top` (name, calls, ms of each).
     """
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
@@ -262,7 +392,14 @@ def kernel_profile(call: Callable[[], Any], device: torch.device, top: int = 12)
 
 
 def clear_grads(*tensors: torch.Tensor) -> Callable[[], None]:
-    """A `reset` for `measure`: drop the gradients the last call left."""
+    """A `reset` for `measure`: drop the gradients the last call left.
+
+    Args:
+        tensors: the tensors whose `.grad` is dropped.
+
+    Returns:
+        The reset function.
+    """
 
     def reset() -> None:
         for t in tensors:
@@ -272,6 +409,14 @@ def clear_grads(*tensors: torch.Tensor) -> Callable[[], None]:
 
 
 def is_oom(error: BaseException) -> bool:
+    """Whether `error` is a device (or host) out-of-memory error.
+
+    Args:
+        error: the caught exception.
+
+    Returns:
+        True for out of memory.
+    """
     return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
 
 
@@ -282,6 +427,14 @@ def run_isolated(module: str, case: dict[str, Any], timeout: float) -> dict[str,
     """Run `python -m module --case JSON` in a fresh process and return the row it prints.
 
     A crash, a timeout or a missing row becomes the case's row with an `error`.
+
+    Args:
+        module: the worker, e.g. "benchmarks.loss_memory".
+        case: the case, passed as JSON.
+        timeout: seconds before the worker is killed.
+
+    Returns:
+        The worker's row, or an error row (`status` "timeout" after a timeout).
     """
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
@@ -311,25 +464,53 @@ def _text(output: str | bytes | None) -> str:
 
 
 def emit_row(row: dict[str, Any]) -> None:
-    """The worker's side of `run_isolated`."""
+    """The worker's side of `run_isolated`: print the row where it looks for it.
+
+    Args:
+        row: JSON-serialisable.
+    """
     print(ROW_MARKER + json.dumps(row), flush=True)
 
 
 def error_row(case: dict[str, Any], message: str) -> dict[str, Any]:
-    """The case's own fields (model, cap, ... too) with the error in place of figures."""
+    """The case's own fields (model, cap, ... too) with the error in place of figures.
+
+    Args:
+        case: the case that failed.
+        message: what went wrong.
+
+    Returns:
+        The row.
+    """
     row = {**{key: None for key in ROW_FIELDS}, **case}
     row.update(peak_mb=None, ms=None, error=message)
     return row
 
 
 def skipped_row(case: dict[str, Any], reason: str) -> dict[str, Any]:
+    """A row for a case that cannot run here, saying why.
+
+    Args:
+        case: the case.
+        reason: why it was skipped.
+
+    Returns:
+        The row, with `skipped` and no figures.
+    """
     row = {key: case.get(key) for key in ROW_FIELDS}
     row.update(peak_mb=None, ms=None, skipped=reason)
     return row
 
 
 def measured(row: dict[str, Any]) -> bool:
-    """True for rows that carry figures (not skipped, not failed)."""
+    """True for rows that carry figures (not skipped, not failed).
+
+    Args:
+        row: a result row.
+
+    Returns:
+        Whether it was measured.
+    """
     return "skipped" not in row and "error" not in row
 
 
@@ -337,7 +518,11 @@ def measured(row: dict[str, Any]) -> bool:
 
 
 def add_output_args(parser: argparse.ArgumentParser) -> None:
-    """Flags every benchmark takes: device, quick mode, output, and the worker's entry."""
+    """Flags every benchmark takes: device, quick mode, output, and the worker's entry.
+
+    Args:
+        parser: the benchmark's parser; changed in place.
+    """
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
     parser.add_argument(
         "--quick", action="store_true", help="tiny shapes, to check the script runs"
@@ -348,14 +533,25 @@ def add_output_args(parser: argparse.ArgumentParser) -> None:
 
 
 def check_out_path(path: Path | None, overwrite: bool) -> None:
-    """Refuse, before any work, to replace an existing output file unless told to."""
+    """Refuse, before any work, to replace an existing output file unless told to.
+
+    Args:
+        path: `--out` (None: no file).
+        overwrite: `--overwrite`.
+    """
     if path is not None and path.exists() and not overwrite:
         raise SystemExit(f"{path} exists; pass --overwrite to replace it or choose another --out")
 
 
 def write_json(rows: Sequence[dict[str, Any]], path: Path, quiet: bool = False) -> None:
     """Write the rows; benchmarks call it after every case too, so a run cut short by a
-    timeout still leaves what it measured."""
+    timeout still leaves what it measured.
+
+    Args:
+        rows: the rows so far.
+        path: the JSON file.
+        quiet: do not print a line saying so.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     # Written whole, then renamed: a run killed mid-write leaves the last complete file.
     partial = path.with_name(path.name + ".partial")
@@ -378,7 +574,15 @@ def _cell(value: Any) -> str:
 
 
 def markdown_table(rows: Iterable[dict[str, Any]], columns: Sequence[str]) -> str:
-    """A markdown table of `columns`; a `note` column says why a row was skipped or failed."""
+    """A markdown table of `columns`; a `note` column says why a row was skipped or failed.
+
+    Args:
+        rows: result rows.
+        columns: the row keys to show.
+
+    Returns:
+        The table's text.
+    """
     lines = ["| " + " | ".join((*columns, "note")) + " |", "|" + "---|" * (len(columns) + 1)]
     for row in rows:
         note = row.get("skipped") or row.get("error") or row.get("note") or ""

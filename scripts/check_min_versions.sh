@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Checks the lower bounds that pyproject.toml declares: a fresh virtual environment on the
 # oldest Python allowed, every dependency (and the test extra) pinned to its lower bound,
-# then the test suite. Takes about 10 minutes here (downloads included).
+# then the test suite (downloads included, so it takes a while).
 #
 #   usage: bash scripts/check_min_versions.sh [PYTEST ARGS...]
 #   PYTHON (default python3.10) runs the venv, VENV (default /tmp/qseg-min-versions) is it.

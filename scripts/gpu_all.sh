@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Everything issue 5 needs from a GPU, in one call of at most TOTAL_SECONDS (default 570):
-# scripts/gpu_check.sh (the GPU tests and the three benchmarks), then the longest-context
-# search goes on from gpu_check's brackets for the time that is left. Carry .gpu-site.
+# The GPU check and the longest-context search, in one call of at most TOTAL_SECONDS
+# (default 570): scripts/gpu_check.sh (the GPU tests and the three benchmarks), then the
+# longest-context search goes on from gpu_check's brackets for the time that is left.
+# Carry .gpu-site.
 # Results: ${OUT:-benchmarks/results/gpu}, as the two scripts write them.
 #
 #   usage (repository root, on the GPU machine): [TOTAL_SECONDS=570] bash scripts/gpu_all.sh

@@ -38,7 +38,7 @@ step() {
 main() {
   date -u +"%Y-%m-%d %H:%M UTC"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-  step env 40 python3 - <<'EOF'  # cold imports took over 20 s on the H100 machine
+  step env 40 python3 - <<'EOF'  # cold imports of torch and friends are slow on a fresh machine
 import importlib, importlib.metadata, platform
 print("python", platform.python_version())
 for name in ("torch", "transformers", "peft", "accelerate", "triton", "bitsandbytes",
@@ -52,14 +52,13 @@ for name in ("torch", "transformers", "peft", "accelerate", "triton", "bitsandby
 import torch
 print("cuda", torch.version.cuda, "|", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "NO GPU")
 EOF
-  # Whether unsloth (carried in .gpu-site; 2026.10.9 imported on the H100 image on
-  # 2026-11-27) imports on this image: qseg train's "auto" backend takes it where it
-  # does. No hub from this machine.
-  step unsloth 40 env HF_HUB_OFFLINE=1 python3 -c "from qseg.models import _import_unsloth
-unsloth, why = _import_unsloth()
+  # Whether unsloth (carried in .gpu-site) imports on this image: qseg train's "auto"
+  # backend takes it where it does. No hub from this machine.
+  step unsloth 40 env HF_HUB_OFFLINE=1 python3 -c "from qseg.models import import_unsloth
+unsloth, why = import_unsloth()
 print('unsloth', unsloth.__version__ if unsloth else 'NOT USABLE: ' + why)"
-  # The loss tests, torch.compile included (the unsloth model test, about a minute of
-  # compiling on its own, is left out to fit the device time).
+  # The loss tests, torch.compile included (the unsloth model test, which compiles for
+  # long on its own, is left out to fit the device time).
   step pytest_gpu 70 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_losses_gpu.py
   step loss_memory 100 python3 -m benchmarks.loss_memory --device cuda --shapes llama3 \
     --tokens 8192 --reps 5 --out "$out/loss_memory_gpu.json" --overwrite
@@ -70,8 +69,8 @@ print('unsloth', unsloth.__version__ if unsloth else 'NOT USABLE: ' + why)"
     --impls liger qseg --losses cross_entropy focal generalized_dice --reps 3 --profile \
     --out "$out/profile_gpu.json" --overwrite
   # The search stops launching trials at --time-budget; in-flight ones end within --trial-timeout.
-  # It goes on from the committed searches (every cap converged on 2026-11-27 on an
-  # H100 80GB HBM3, where this step then only rewrites them; another card starts afresh).
+  # It goes on from the committed searches: on the card they were searched on, where they
+  # converged, this step only rewrites them; another card starts afresh.
   local resume=()
   [ -f "$committed_context" ] && resume=(--resume "$committed_context" --resume-if-same-card)
   step max_context 115 python3 -m benchmarks.max_context --device cuda --models llama3.1-8b \

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The longest trainable context, searched until every bracket converges (issue 5), in one
-# call: Llama-3.1-8B shape, caps 8/12/16/24 GB (or CAPS...), three loss mixes, qseg vs
+# The longest trainable context, searched until every bracket converges, in one call:
+# Llama-3.1-8B shape, caps 8/12/16/24 GB (or CAPS...), three loss mixtures, qseg vs
 # naive. Carry .gpu-site (bitsandbytes). Results: ${OUT:-benchmarks/results/gpu}.
 # No trial starts after SEARCH_SECONDS (default 420); the call ends within that plus
-# 140 s (about 9.3 minutes by default).
+# 140 s (560 s by default, under a device call's 10 minutes).
 #
 # It goes on from RESUME=FILE (an earlier call's file copied into the working tree, as
 # $OUT starts empty each call), else from $out/max_context_gpu.json (gpu_check.sh's, in

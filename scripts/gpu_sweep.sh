@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The rest of issue 5's GPU figures, in one call of at most 9 minutes: the loss table at
+# The GPU figures beyond gpu_check's, in one call of at most 9 minutes: the loss table at
 # both named heads (Llama-3 and Qwen2.5) and 4k/8k/16k/32k tokens, then the longest
 # context of the Qwen2.5-7B shape at 16 and 24 GB. Carry .gpu-site (Liger, CCE,
 # bitsandbytes). Each part runs under `timeout` and keeps the rows it has when cut off.

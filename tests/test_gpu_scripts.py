@@ -67,7 +67,7 @@ def test_gpu_script_commands_parse(script, monkeypatch):
 
 
 def test_gpu_check_fits_in_eight_minutes():
-    """Issue 5: one call of at most 8 minutes; every step runs under its own timeout."""
+    """One call of at most 8 minutes; every step runs under its own timeout."""
     text = (REPO / "scripts/gpu_check.sh").read_text()
     limits = [int(s) for s in re.findall(r"^\s*step \w+ (\d+) ", text, flags=re.MULTILINE)]
     assert len(limits) == 7 and sum(limits) <= 8 * 60, limits
