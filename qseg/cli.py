@@ -19,6 +19,7 @@ from qseg import __version__
 from qseg.compare import CHART_FILE, TABLE_FILE, run_compare
 from qseg.config import PRESETS, resolve_config
 from qseg.constants import BACKENDS, CE_SCOPES, FORMATS, QUANTIZATIONS
+from qseg.data.layouts import CHAT_TEMPLATE_MODES
 from qseg.eval import run_eval
 from qseg.losses import available_losses
 from qseg.run_files import RUN_FILE
@@ -100,6 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+CHAT_TEMPLATE_HELP = (
+    "auto (default): render conversational rows with the tokenizer's chat template, plain "
+    "prompt/completion rows as they are; always: also wrap plain rows as a user and an "
+    "assistant turn; never: render conversations as plain 'role: content' lines"
+)
+FIELDS_HELP = "map your data's field names onto a layout's, e.g. prompt=question,completion=reply"
+
+
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the `qseg train` flags to `parser`. Only the flags given reach the config (they
     override the YAML file, which overrides the preset, which overrides the defaults).
@@ -121,6 +130,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add("--split", help="training split (default: train)")
     add("--format", choices=FORMATS, help="GSM8K answers: calculator steps or full rationale")
+    add("--chat-template", choices=CHAT_TEMPLATE_MODES, help=CHAT_TEMPLATE_HELP)
+    add("--fields", metavar="MAP", help=FIELDS_HELP)
     add(
         "--loss",
         help="comma-separated name[:weight][:param=value...], e.g. cross_entropy:0.6,lovasz:0.4 "
@@ -190,6 +201,18 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
         "--format",
         choices=FORMATS,
         help="answer layout (default: the run's, else steps)",
+    )
+    add(
+        "--chat-template",
+        choices=CHAT_TEMPLATE_MODES,
+        help="as for qseg train (default: the run's, else auto)",
+    )
+    add("--fields", metavar="MAP", help="as for qseg train (default: the run's)")
+    add(
+        "--answer-pattern",
+        metavar="REGEX",
+        help="your own data: compare only what the regex's first group matches in the "
+        "prediction and the reference, e.g. '#### (\\S+)' or 'answer is (\\w+)'",
     )
     add("--limit", type=int, metavar="N", help="score the first N examples")
     add("--batch-size", type=int, default=8, help="prompts per batch (default: 8)")

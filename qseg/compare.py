@@ -26,11 +26,12 @@ from qseg.data import is_one_file
 from qseg.loss_text import format_losses
 from qseg.metrics import CHOICE_METRICS, LOWER_IS_BETTER, MATH_METRICS
 from qseg.run_files import RUN_FILE, read_run
+from qseg.text_metrics import TEXT_METRICS
 
 TABLE_FILE = "compare.md"
 CHART_FILE = "compare.png"
 BASELINE_LABEL = "base model (no adapter)"
-METRICS = (*MATH_METRICS, *CHOICE_METRICS)
+METRICS = (*MATH_METRICS, *CHOICE_METRICS, *(m for m in TEXT_METRICS if m not in MATH_METRICS))
 
 
 @dataclass

@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from qseg.constants import BACKENDS, CE_SCOPES, FORMATS, LORA_TARGETS, QUANTIZATIONS
+from qseg.data.layouts import CHAT_TEMPLATE_MODES, parse_fields
 from qseg.loss_text import parse_losses
 from qseg.losses import normalize_losses
 from qseg.run_files import CONFIG_FILE
@@ -79,6 +80,8 @@ class TrainConfig:
     dataset: str = "gsm8k-sample"
     split: str = "train"
     format: str = "steps"  # GSM8K answers: calculator steps only, or the full rationale
+    chat_template: str = "auto"  # conversations with the tokenizer's template; see --help
+    fields: Any = None  # {layout field: the data's field}, e.g. {"prompt": "question"}
     # the objective
     loss: Any = field(default_factory=lambda: {"cross_entropy": 0.6, "generalized_dice": 0.4})
     ce_scope: str = "answer"  # cross-entropy on answer tokens, or on the whole sequence
@@ -117,6 +120,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.loss = resolve_loss(self.loss)
+        self.fields = parse_fields(self.fields) or None
         if isinstance(self.lora_targets, str) and self.lora_targets != "all-linear":
             self.lora_targets = _split_names(self.lora_targets)
         elif isinstance(self.lora_targets, (list, tuple)):
@@ -261,6 +265,7 @@ def _check_preset(name: str) -> str:
 def _validate(cfg: TrainConfig) -> None:
     for name, allowed in (
         ("format", FORMATS),
+        ("chat_template", CHAT_TEMPLATE_MODES),
         ("ce_scope", CE_SCOPES),
         ("quantization", QUANTIZATIONS),
         ("backend", BACKENDS),

@@ -13,6 +13,7 @@ the summary in ``run.json``.
 """
 
 import argparse
+import functools
 import json
 import logging
 import math
@@ -31,8 +32,11 @@ from qseg.data import (
     is_one_file,
     load_examples,
 )
+from qseg.data.chat import generation_prompt, require_template
+from qseg.data.layouts import USER_DATASETS, parse_fields
 from qseg.metrics import score_choice, score_math
 from qseg.run_files import read_run
+from qseg.text_metrics import compile_answer_pattern, score_text
 
 SCORERS: dict[str, Callable[[Sequence[str], Sequence[str]], dict]] = {
     "gsm8k": score_math,
@@ -153,12 +157,15 @@ def evaluate(
     *,
     batch_size: int = 8,
     max_new_tokens: int | None = None,
+    answer_pattern: str | None = None,
 ) -> dict[str, Any]:
     """Generate an answer to each example and score it.
 
     The scorer follows the examples' dataset: ``score_math`` for gsm8k and mathqa,
-    ``score_choice`` for openbookqa and hellaswag (see ``qseg.metrics``). Answers stop at
-    EOS or after ``max_new_tokens`` tokens (None: :func:`answer_budget`).
+    ``score_choice`` for openbookqa and hellaswag (see ``qseg.metrics``), and
+    ``qseg.text_metrics.score_text`` (exact match, F1) for users' own layouts. A
+    conversation is prompted with its turns before its last assistant turn. Answers stop
+    at EOS or after ``max_new_tokens`` tokens (None: :func:`answer_budget`).
 
     Args:
         model: a causal LM (with or without an adapter).
@@ -166,6 +173,8 @@ def evaluate(
         examples: the examples to score, all from one dataset.
         batch_size: prompts per ``generate`` call.
         max_new_tokens: the longest answer in tokens, or None for :func:`answer_budget`.
+        answer_pattern: users' layouts: a regex whose first group both sides are reduced
+            to before scoring (checked against the references before generating).
 
     Returns:
         ``{"summary": {"dataset", "n", <metrics>}, "examples": [{"prompt", "prediction",
@@ -180,12 +189,10 @@ def evaluate(
     if len(datasets) > 1:
         raise ValueError(f"examples mix datasets {datasets}; evaluate one dataset at a time")
     dataset = datasets[0]
-    if dataset not in SCORERS:
-        raise ValueError(f"no scorer for dataset '{dataset}'; known: {', '.join(SCORERS)}")
-    score = SCORERS[dataset]
-
-    prompts = [format_prompt(example) for example in examples]
     references = [example.reference for example in examples]
+    score = _scorer(dataset, answer_pattern, references)
+
+    prompts = [_prompt_text(example, tokenizer) for example in examples]
     prompt_ids = [encode_prompt(example, tokenizer) for example in examples]
     if max_new_tokens is None:
         max_new_tokens = answer_budget(examples, tokenizer)
@@ -205,6 +212,35 @@ def evaluate(
         )
     summary = {"dataset": dataset, **score(predictions, references)}
     return {"summary": summary, "examples": records, "max_new_tokens": max_new_tokens}
+
+
+def _scorer(
+    dataset: str, answer_pattern: str | None, references: Sequence[str]
+) -> Callable[[Sequence[str], Sequence[str]], dict]:
+    """The scorer of `dataset`, refusing before generation what cannot be scored."""
+    if dataset == "text":
+        raise ValueError(
+            "the text layout has no prompt to answer, so qseg eval cannot score it; "
+            "evaluate on prompt/completion or messages rows"
+        )
+    if dataset in USER_DATASETS:
+        pattern = compile_answer_pattern(answer_pattern, references) if answer_pattern else None
+        return functools.partial(score_text, answer_pattern=pattern)
+    if answer_pattern:
+        raise ValueError(
+            f"--answer-pattern applies to your own data, not to {dataset}, which is scored "
+            "by its own rules"
+        )
+    if dataset not in SCORERS:
+        raise ValueError(f"no scorer for dataset '{dataset}'; known: {', '.join(SCORERS)}")
+    return SCORERS[dataset]
+
+
+def _prompt_text(example: Example, tokenizer: Any) -> str:
+    """The prompt as the model reads it, for the report."""
+    if example.messages is None:
+        return format_prompt(example)
+    return generation_prompt(example.messages, tokenizer, example.template)
 
 
 def format_table(summary: dict[str, Any]) -> str:
@@ -290,7 +326,7 @@ def run_eval(args: argparse.Namespace) -> int:
             raise ValueError(f"{flag} must be >= 1, got {value}")
 
     # Imported here: peft and bitsandbytes take seconds to import, `qseg --help` should not.
-    from qseg.models import default_model_source, load_model
+    from qseg.models import default_model_source, load_model, load_tokenizer
 
     config = read_run(args.adapter)["config"] if args.adapter else {}
     setup = {
@@ -300,14 +336,30 @@ def run_eval(args: argparse.Namespace) -> int:
         "dataset": args.dataset or config.get("dataset") or "gsm8k-sample",
         "split": args.split or config.get("eval_split") or "test",
         "format": args.format or config.get("format") or "steps",
+        "chat_template": args.chat_template or config.get("chat_template") or "auto",
+        "fields": parse_fields(args.fields) or config.get("fields"),
+        "answer_pattern": args.answer_pattern,
         "max_new_tokens": args.max_new_tokens or config.get("eval_max_new_tokens"),
     }
     check_held_out(setup, config, dataset_given=args.dataset is not None)
     examples = load_examples(
-        setup["dataset"], setup["split"], fmt=setup["format"], limit=args.limit
+        setup["dataset"],
+        setup["split"],
+        fmt=setup["format"],
+        limit=args.limit,
+        chat_template=setup["chat_template"],
+        fields=setup["fields"],
     )
     if not examples:
         raise ValueError(f"split '{setup['split']}' of {setup['dataset']} holds no examples")
+    # What cannot be scored or rendered fails here, before the model loads.
+    _scorer(examples[0].dataset, setup["answer_pattern"], [e.reference for e in examples])
+    if any(example.messages is not None and example.template for example in examples):
+        require_template(
+            load_tokenizer(setup["model"]),
+            f"--chat-template {setup['chat_template']} renders the data's conversations with "
+            "the tokenizer's chat template",
+        )
     loaded = load_model(
         setup["model"],
         quantization=config.get("quantization", "auto"),
@@ -325,6 +377,7 @@ def run_eval(args: argparse.Namespace) -> int:
         examples,
         batch_size=args.batch_size,
         max_new_tokens=setup["max_new_tokens"],
+        answer_pattern=setup["answer_pattern"],
     )
     setup["max_new_tokens"] = report.pop("max_new_tokens")
     report["setup"] = setup

@@ -131,7 +131,7 @@ def test_data_file_missing_a_field_names_the_row(no_model_loading, tmp_path, cap
 
 def test_unknown_data_layout_lists_the_known_ones(no_model_loading, tmp_path, capsys) -> None:
     data = tmp_path / "data.jsonl"
-    data.write_text(json.dumps({"prompt": "p", "completion": "c"}) + "\n")
+    data.write_text(json.dumps({"body": "p", "target": "c"}) + "\n")
     err = run_and_read_error(["--dataset", str(data), "--output-dir", str(tmp_path / "o")], capsys)
     assert "unknown data layout" in err and "question" in err
 

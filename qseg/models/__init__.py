@@ -29,6 +29,7 @@ from qseg.models.sources import (
     convert_gguf,
     default_model_source,
     gguf_cache_dir,
+    load_tokenizer,
 )
 
 __all__ = [
@@ -48,5 +49,6 @@ __all__ = [
     "gguf_cache_dir",
     "import_unsloth",
     "load_model",
+    "load_tokenizer",
     "output_head",
 ]

@@ -176,3 +176,19 @@ def align_special_tokens(tokenizer: PreTrainedTokenizerBase, config: Any) -> Non
         if getattr(tokenizer, f"{name}_token") != token:
             log.info("tokenizer %s_token set to %r, as the model config says", name, token)
             setattr(tokenizer, f"{name}_token", token)
+
+
+def load_tokenizer(source: str) -> PreTrainedTokenizerBase:
+    """The tokenizer of a model source alone, without its weights (a `.gguf` is converted,
+    or its cached conversion read): what checks of the data need before the model loads.
+
+    Args:
+        source: as `load_model` takes it.
+
+    Returns:
+        The tokenizer, its special tokens as the model config names them.
+    """
+    kind, location = resolve_source(source)
+    if kind == "gguf":
+        location = str(convert_gguf(Path(location))[0])
+    return AutoTokenizer.from_pretrained(location)

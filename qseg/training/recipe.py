@@ -22,12 +22,15 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from qseg.config import TrainConfig
 from qseg.data import DataCollator, Example, build_dataset, is_one_file, load_examples
+from qseg.data.chat import require_template
+from qseg.data.sources import read_examples
 from qseg.eval import evaluate
 from qseg.models import (
     LoraSettings,
     check_head_gives_the_logits,
     default_model_source,
     load_model,
+    load_tokenizer,
 )
 from qseg.run_files import (
     CONFIG_FILE,
@@ -65,8 +68,20 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     output_dir = agreed_output_dir(cfg, state)
     # The main process downloads or converts first; the others then read its cache.
     with state.main_process_first():
-        examples = load_examples(cfg.dataset, cfg.split, fmt=cfg.format)
+        examples, data_info = read_examples(
+            cfg.dataset,
+            cfg.split,
+            fmt=cfg.format,
+            chat_template=cfg.chat_template,
+            fields=cfg.fields,
+        )
         eval_examples = _held_out_examples(cfg)
+        if any(e.messages is not None and e.template for e in (*examples, *eval_examples)):
+            require_template(
+                load_tokenizer(cfg.model or default_model_source()),
+                f"--chat-template {cfg.chat_template} renders the {data_info['layout']} rows "
+                "of the data with the tokenizer's chat template",
+            )
         set_seed(cfg.seed)  # before LoRA init, so the adapter's starting point is reproducible
         loaded = load_model(
             cfg.model or default_model_source(),
@@ -126,7 +141,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             )
     record = run_record(cfg, loaded, trainer, result.metrics, monitor, train_seconds, evaluation)
     record["output_dir"] = str(output_dir)
-    record["data"] = {"train_examples": len(features), "dropped_too_long": dropped}
+    record["data"] = {
+        "train_examples": len(features),
+        "dropped_too_long": dropped,
+        **data_info,
+    }
     if state.is_main_process:
         write_json(output_dir / RUN_FILE, record)
         if evaluation is not None:
@@ -175,7 +194,14 @@ def _held_out_examples(cfg: TrainConfig) -> list[Example]:
             cfg.split,
         )
     try:
-        return load_examples(cfg.dataset, cfg.eval_split, fmt=cfg.format, limit=cfg.eval_samples)
+        return load_examples(
+            cfg.dataset,
+            cfg.eval_split,
+            fmt=cfg.format,
+            limit=cfg.eval_samples,
+            chat_template=cfg.chat_template,
+            fields=cfg.fields,
+        )
     except (ValueError, FileNotFoundError) as err:
         raise ValueError(
             f"cannot read {cfg.eval_samples} held-out examples from split {cfg.eval_split!r} of "
