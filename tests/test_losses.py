@@ -15,6 +15,7 @@ from qseg.losses import (
     fused_linear_loss,
     loss_from_logits,
     normalize_losses,
+    observe_chunks,
     plan_chunks,
 )
 
@@ -100,20 +101,16 @@ def test_fused_matches_reference_when_every_position_is_scored(case, chunk_size)
 def test_gradients_are_handed_over_uncopied(name, ignore_some, monkeypatch):
     """hidden.grad and weight.grad are the very buffers the engine filled: no (B·T, d) or
     (V, d) copy on the way (for a mean, the 1/n is applied inside the engine)."""
-    from qseg.losses import engine
-
     filled = []
-    grads_of = engine._GradientSink.grads
 
-    def recording_grads(sink):
-        grads = grads_of(sink)
-        filled.extend(g.data_ptr() for g in grads if g is not None)
-        return grads
+    def watch(event, details):
+        if event == "grads":
+            filled.extend(g.data_ptr() for g in details["grads"] if g is not None)
 
-    monkeypatch.setattr(engine._GradientSink, "grads", recording_grads)
     hidden, weight, _, labels = make_batch(seed=6)
     labels = labels if ignore_some else labels.clamp(min=0)
-    fused_linear_loss(hidden, weight, labels, name, chunk_size=4).backward()
+    with observe_chunks(watch):
+        fused_linear_loss(hidden, weight, labels, name, chunk_size=4).backward()
     assert hidden.grad.data_ptr() in filled and weight.grad.data_ptr() in filled
 
 
@@ -155,16 +152,23 @@ def test_compiled_kernels_match_eager(dtype, monkeypatch):
     labels = torch.randint(0, 300, (2, 40), generator=g)
     labels[:, :7] = -100
     tol = {} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-3}
+    kernels = set()
+
+    def watch(event, details):
+        if event == "kernel":
+            kernels.add((details["name"], details["compiled"]))
+
     for case in ["cross_entropy", {"focal": 0.5, "dice": 0.5}, {"ce": 0.5, "gdice": 0.5}]:
         results = {}
         for compiled in (True, False):
             monkeypatch.setattr(engine, "uses_compiled_kernels", lambda device, c=compiled: c)
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), observe_chunks(watch):
                 warnings.filterwarnings("error", message="qseg: torch.compile failed")
                 loss = fused_linear_loss(hidden, weight, labels, case, chunk_size=24)
                 results[compiled] = [loss, *grads(loss, hidden, weight)]
         assert_close(results[True], results[False], **tol)
-    assert set(engine._COMPILED) == {engine._logsumexp, engine._scaled_softmax_}
+    assert kernels == {("logsumexp", True), ("scaled_softmax", True),
+                       ("logsumexp", False), ("scaled_softmax", False)}  # fmt: skip
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -228,13 +232,15 @@ def test_no_valid_position_gives_zero_and_zero_grads(name):
 def test_evaluation_under_no_grad_forms_no_gradient(mode, case, monkeypatch):
     """A trainable head under no_grad or inference_mode (an evaluation loop): the same
     value, and the token-wise forward forms no gradient (inference_mode crashed on it)."""
-    from qseg.losses import engine
-
     hidden, weight, bias, labels = make_batch()
     expected = fused_linear_loss(hidden, weight, labels, case, bias=bias, chunk_size=4)
     formed = []
-    monkeypatch.setattr(engine._GradientSink, "add", lambda *args: formed.append(args))
-    with mode():
+
+    def watch(event, details):
+        if event == "gradient":
+            formed.append(details)
+
+    with mode(), observe_chunks(watch):
         loss = fused_linear_loss(hidden, weight, labels, case, bias=bias, chunk_size=4)
     assert loss.item() == expected.item() and not loss.requires_grad
     assert not formed
@@ -513,19 +519,15 @@ def test_gathered_rows_take_their_own_gradient(case, monkeypatch):
     """Where positions are ignored, a chunk gathers its scored hidden rows into a (rows, d)
     buffer; once the weight gradient has used them, that buffer takes the rows' gradient,
     so no second (rows, d) temporary is made. The gradient stays exact."""
-    from qseg.losses import engine
+    gathered = []
 
-    take, gathered = engine._take, []
+    def watch(event, details):
+        if event == "gather":
+            gathered.append((details["rows"], details["buffer"]))
 
-    def spy(hiddens, rows):
-        parts = take(hiddens, rows)
-        if not isinstance(rows, slice):
-            gathered.append((rows, parts[0]))
-        return parts
-
-    monkeypatch.setattr(engine, "_take", spy)
     hidden, weight, _, labels = make_batch(dtype=torch.float32)
-    fused_linear_loss(hidden, weight, labels, case, chunk_size=4).backward()
+    with observe_chunks(watch):
+        fused_linear_loss(hidden, weight, labels, case, chunk_size=4).backward()
     # The last gather of each chunk is the one its gradient is formed from (region losses
     # gather in the forward too, for the log-probabilities only).
     last = {tuple(rows.tolist()): buffer for rows, buffer in gathered}

@@ -9,6 +9,7 @@ math, `engine` the chunked passes over the head, `autotune` the chunk sizing.
 
 from .api import FusedLinearLoss, fused_linear_loss, loss_from_logits
 from .autotune import ChunkPlan, default_budget, plan_chunks
+from .observe import observe_chunks
 from .registry import available_losses, canonical_name, loss_kind, normalize_losses
 
 __all__ = [
@@ -21,5 +22,6 @@ __all__ = [
     "loss_from_logits",
     "loss_kind",
     "normalize_losses",
+    "observe_chunks",
     "plan_chunks",
 ]

@@ -36,6 +36,8 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import Tensor
 
+from .observe import notify, observing
+
 # A chunk's rows among the parts' N: a slice when every row is scored, else (chunk,) indices.
 Rows = slice | Tensor
 
@@ -115,7 +117,10 @@ def _take(hiddens: Sequence[Tensor], rows: Rows) -> list[Tensor]:
     """Each part's (chunk, d_i) rows: views for a slice, small gathers for indices."""
     if isinstance(rows, slice):
         return [h[rows] for h in hiddens]
-    return [h.index_select(0, rows) for h in hiddens]
+    parts = [h.index_select(0, rows) for h in hiddens]
+    if observing():
+        notify("gather", rows=rows, buffer=parts[0])
+    return parts
 
 
 def _logsumexp(logits: Tensor, dtype: torch.dtype) -> Tensor:
@@ -164,7 +169,7 @@ def uses_compiled_kernels(device: torch.device) -> bool:
 
 def _kernel(eager: Callable, device: torch.device) -> Callable:
     if not uses_compiled_kernels(device):
-        return eager
+        return _observed(eager, compiled=False)
     if eager not in _COMPILED:
         _COMPILED[eager] = torch.compile(eager, dynamic=True)
     compiled = _COMPILED[eager]
@@ -183,6 +188,19 @@ def _kernel(eager: Callable, device: torch.device) -> Callable:
                 f"qseg: torch.compile failed ({error!r}); using eager kernels", stacklevel=2
             )
             return eager(*args)
+
+    return _observed(run, compiled=True, name=eager.__name__)
+
+
+def _observed(kernel: Callable, compiled: bool, name: str | None = None) -> Callable:
+    """`kernel`, telling observers that it ran."""
+    if not observing():
+        return kernel
+    label = (name or kernel.__name__).strip("_")
+
+    def run(*args):
+        notify("kernel", name=label, compiled=compiled)
+        return kernel(*args)
 
     return run
 
@@ -215,6 +233,8 @@ class _GradientSink:
     def add(self, dz: Tensor, chunk_hiddens: Sequence[Tensor], rows: Rows) -> None:
         """Add one chunk's (chunk, V) logit gradient; `chunk_hiddens` are its parts' rows,
         views for a slice of rows, else the chunk's own gathered copies, which this spends."""
+        if observing():
+            notify("gradient", dz=dz, rows=rows)
         casts = {dz.dtype: dz}
         for h, w, dh, dw in zip(chunk_hiddens, self.weights, self.h, self.w, strict=True):
             upcast = upcasts_half(w)
@@ -239,7 +259,10 @@ class _GradientSink:
         """[db, dh_1, dW_1, dh_2, dW_2, ...], the order of the inputs."""
         w = [g if g is None else g.to(p.dtype) for g, p in zip(self.w, self.weights, strict=True)]
         pairs = [g for pair in zip(self.h, w, strict=True) for g in pair]
-        return [self.bias, *pairs]
+        grads = [self.bias, *pairs]
+        if observing():
+            notify("grads", grads=grads)
+        return grads
 
 
 def _sum_dtype(weight: Tensor) -> torch.dtype:
