@@ -7,8 +7,9 @@ The contract (math, names, shapes) is `docs/losses.md`; `functional` holds the
 math, `engine` the chunked passes over the head, `autotune` the chunk sizing.
 """
 
-from .api import FusedLinearLoss, fused_linear_loss, loss_from_logits
+from .api import FusedLinearLoss, fused_linear_loss
 from .autotune import ChunkPlan, default_budget, plan_chunks
+from .logits import loss_from_logits
 from .observe import observe_chunks
 from .registry import available_losses, canonical_name, loss_kind, normalize_losses
 

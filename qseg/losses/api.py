@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import engine, functional
+from . import engine, functional, passes
 from .autotune import plan_chunks
 from .head import head_weight_shape, linear_parts
 from .registry import normalize_losses, split_by_kind
@@ -242,12 +242,12 @@ def _fused_mixture(
     if not region_part:
         per_token = functional.weighted_token_loss(token_part)
         scale = 1 / (tokens.labels.shape[0] if num_tokens is None else num_tokens)
-        return engine.token_loss(
+        return passes.token_loss(
             tokens.labels, per_token, scale, rows, hiddens, weights, bias, index
         )
     classes, target = torch.unique(tokens.labels, return_inverse=True)
     with_rest = functional.needs_rest(region_part)
-    logp = engine.column_log_probs(classes, rows, hiddens, weights, bias, index, with_rest)
+    logp = passes.column_log_probs(classes, rows, hiddens, weights, bias, index, with_rest)
     stats = _class_stats(logp, target, tokens, with_rest)
     return _mixture_loss(mixture, tokens, stats.label_logp(), stats, num_tokens, num_samples)
 
@@ -287,62 +287,6 @@ def _checked_chunk_size(chunk_size: Any) -> int | str:
     if not _is_int(chunk_size) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int or 'auto'; got {chunk_size!r}")
     return int(chunk_size)
-
-
-def loss_from_logits(
-    logits: Tensor,
-    labels: Tensor,
-    losses: str | dict,
-    *,
-    ignore_index: int = -100,
-    num_tokens: int | None = None,
-    num_samples: int | None = None,
-) -> Tensor:
-    """The same mixture from full logits (B, T, V) the caller already holds.
-
-    Half-precision logits are upcast to float32. See `fused_linear_loss` for the rest.
-    """
-    mixture = normalize_losses(losses)
-    _check_shapes(logits, labels, "logits")
-    vocab = logits.shape[-1]
-    tokens = ValidTokens.select(labels, vocab, ignore_index)
-    num_tokens, num_samples = _normalizers(num_tokens, num_samples, tokens)
-    if tokens.index.numel() == 0:
-        return _zero_loss(logits)
-    with torch.autocast(logits.device.type, enabled=False):
-        return _mixture_from_logits(logits, tokens, mixture, num_tokens, num_samples)
-
-
-def _mixture_from_logits(
-    logits: Tensor,
-    tokens: ValidTokens,
-    mixture: dict[str, dict[str, Any]],
-    num_tokens: int | None,
-    num_samples: int | None,
-) -> Tensor:
-    vocab = logits.shape[-1]
-    dtype = engine.accumulation_dtype(logits)
-    z = logits.reshape(-1, vocab).index_select(0, tokens.index).to(dtype)
-    lse = torch.logsumexp(z, dim=1, keepdim=True)
-    if not split_by_kind(mixture)[1]:
-        label_logp = z.gather(1, tokens.labels[:, None]).squeeze(1) - lse.squeeze(1)
-        return _mixture_loss(mixture, tokens, label_logp, None, num_tokens, num_samples)
-    classes, target = torch.unique(tokens.labels, return_inverse=True)
-    logp = z.index_select(1, classes) - lse
-    with_rest = functional.needs_rest(mixture)
-    if with_rest:
-        logp = torch.cat([logp, _rest_logsumexp(z, classes) - lse], dim=1)
-    stats = _class_stats(logp, target, tokens, with_rest)
-    return _mixture_loss(mixture, tokens, stats.label_logp(), stats, num_tokens, num_samples)
-
-
-def _rest_logsumexp(z: Tensor, classes: Tensor) -> Tensor:
-    """(n, 1) log Σ_{c ∉ classes} exp(z_c); −inf, with a zero gradient, where no such class
-    has a finite logit (logsumexp's gradient over only −inf is NaN)."""
-    rest = z.index_fill(1, classes, float("-inf"))
-    some = rest.amax(1, keepdim=True) > float("-inf")
-    lse = torch.logsumexp(torch.where(some, rest, 0), dim=1, keepdim=True)
-    return torch.where(some, lse, float("-inf"))
 
 
 class FusedLinearLoss(nn.Module):
