@@ -23,6 +23,7 @@ from qseg.data.layouts import CHAT_TEMPLATE_MODES
 from qseg.eval import run_eval
 from qseg.losses import available_losses
 from qseg.run_files import RUN_FILE
+from qseg.unsloth_first import import_unsloth_first
 
 SUBCOMMANDS = ("train", "eval", "compare")
 
@@ -257,14 +258,15 @@ def run_train(args: argparse.Namespace) -> int:
     Returns:
         0; bad input raises ValueError or FileNotFoundError before training.
     """
-    # Imported here: transformers' Trainer, peft and bitsandbytes take seconds to import,
-    # which `qseg --help` and `qseg compare` should not wait for.
+    flags = {k: v for k, v in vars(args).items() if k not in ("command", "run", "config_file")}
+    cfg = resolve_config(flags, args.config_file)
+    import_unsloth_first(cfg.backend)
+    # Imported here, after unsloth: transformers' Trainer, peft and bitsandbytes take
+    # seconds to import, which `qseg --help` and `qseg compare` should not wait for.
     from accelerate import PartialState
 
     from qseg.training import summary, train
 
-    flags = {k: v for k, v in vars(args).items() if k not in ("command", "run", "config_file")}
-    cfg = resolve_config(flags, args.config_file)
     record = train(cfg)
     if PartialState().is_main_process:  # under torchrun / accelerate launch: print once
         print(summary(record))

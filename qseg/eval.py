@@ -37,6 +37,7 @@ from qseg.generation import generate
 from qseg.metrics import score_choice, score_math
 from qseg.run_files import read_run
 from qseg.text_metrics import compile_answer_pattern, score_text
+from qseg.unsloth_first import import_unsloth_first
 
 SCORERS: dict[str, Callable[[Sequence[str], Sequence[str]], dict]] = {
     "gsm8k": score_math,
@@ -242,10 +243,12 @@ def run_eval(args: argparse.Namespace) -> int:
         if value is not None and value < 1:
             raise ValueError(f"{flag} must be >= 1, got {value}")
 
-    # Imported here: peft and bitsandbytes take seconds to import, `qseg --help` should not.
+    config = read_run(args.adapter)["config"] if args.adapter else {}
+    import_unsloth_first(config.get("backend", "auto"))
+    # Imported here, after unsloth: peft and bitsandbytes take seconds to import, which
+    # `qseg --help` should not wait for.
     from qseg.models import default_model_source, load_model, load_tokenizer
 
-    config = read_run(args.adapter)["config"] if args.adapter else {}
     setup = {
         "model": args.model or config.get("model") or default_model_source(),
         "adapter": str(args.adapter) if args.adapter else None,

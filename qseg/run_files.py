@@ -21,8 +21,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from transformers.trainer_utils import get_last_checkpoint
-
 if TYPE_CHECKING:
     from qseg.config import TrainConfig
 
@@ -76,6 +74,8 @@ def check_output_dir(cfg: TrainConfig) -> Path:
         return fresh_run_dir(RUNS_ROOT)
     output_dir = Path(cfg.output_dir)
     if cfg.resume:
+        from transformers.trainer_utils import get_last_checkpoint  # transformers after unsloth
+
         checkpoint = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
         if checkpoint is None:
             raise ValueError(
