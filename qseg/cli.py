@@ -157,6 +157,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         help="recompute activations in the backward (default: on a GPU, not on a CPU)",
     )
+    add(
+        "--offload-activations",
+        action=argparse.BooleanOptionalAction,
+        help="with gradient checkpointing on a GPU, keep each layer's input in CPU memory "
+        "until the backward: longer contexts, some speed (default: off)",
+    )
     add("--quantization", choices=QUANTIZATIONS, help="4bit (NF4) or none; auto: 4bit on CUDA")
     add("--backend", choices=BACKENDS, help="auto: unsloth where it runs, else transformers")
     add("--output-dir", help="where the run goes (default: runs/<timestamp>)")

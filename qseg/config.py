@@ -107,6 +107,8 @@ class TrainConfig:
     # "auto": on a GPU; off on a CPU, where memory is rarely short and recomputing the
     # activations costs a third of the step
     gradient_checkpointing: bool | str = "auto"
+    # checkpointed layer inputs wait in CPU memory (GPU, transformers backend)
+    offload_activations: bool = False
     # outputs
     output_dir: str | None = None  # None: runs/<timestamp>, never an existing folder
     resume: bool = False
@@ -301,7 +303,12 @@ def _validate(cfg: TrainConfig) -> None:
     names_ok = isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets)
     if not (names_ok or targets == "all-linear"):
         raise ValueError(f"lora_targets must be module names or 'all-linear'; got {targets!r}")
-    for name in ("resume", "overwrite"):
+    if cfg.offload_activations is True and cfg.gradient_checkpointing is False:
+        raise ValueError(
+            "--offload-activations offloads the inputs that gradient checkpointing keeps; "
+            "drop --no-gradient-checkpointing or --offload-activations"
+        )
+    for name in ("resume", "overwrite", "offload_activations"):
         if not isinstance(getattr(cfg, name), bool):
             raise ValueError(f"{name} must be true or false; got {getattr(cfg, name)!r}")
     if not isinstance(cfg.gradient_checkpointing, bool) and cfg.gradient_checkpointing != "auto":

@@ -39,6 +39,7 @@ from qseg.models.lora import (
     attach_unsloth_lora,
     lora_summary,
 )
+from qseg.models.offload import enable_offloaded_checkpointing
 from qseg.models.sources import SOURCES_ACCEPTED, convert_gguf, resolve_source
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ class LoadedModel:
     gguf_cache: str | None = None  # the Hugging Face folder a .gguf source was converted into
     converted: bool = False  # True when this call did the GGUF conversion (False: cache reused)
     adapter: str | None = None  # the peft adapter folder that was loaded, if any
+    offloaded_layers: int = 0  # layers whose checkpointed input waits in CPU memory
 
 
 def load_model(
@@ -66,6 +68,7 @@ def load_model(
     backend: str = "auto",
     lora: LoraSettings | None = DEFAULT_LORA,
     gradient_checkpointing: bool = True,
+    offload_activations: bool = False,
     adapter: str | None = None,
     trainable: bool = True,
     padding_side: str = "right",
@@ -76,6 +79,9 @@ def load_model(
     attached, or the peft adapter in `adapter` is loaded as trainable; with `lora=None` and
     no adapter the whole (unquantized) model trains. With `trainable=False` everything is
     frozen and the model is in eval mode; `adapter`, if given, is loaded for inference.
+    `offload_activations` keeps checkpointed layer inputs in CPU memory on a GPU with the
+    transformers backend (unsloth's checkpointing offloads them itself; a CPU has no
+    other memory to offload to).
     """
     if padding_side not in PADDING_SIDES:
         raise ValueError(f"padding_side must be one of {PADDING_SIDES}, got {padding_side!r}")
@@ -93,7 +99,7 @@ def load_model(
             f"adapter {adapter!r} is not a peft adapter folder (no adapter_config.json in it)"
         )
 
-    gguf_cache, converted = None, False
+    gguf_cache, converted, offloaded = None, False, 0
     if kind == "gguf":
         folder, converted = convert_gguf(Path(location))
         location = gguf_cache = str(folder)
@@ -110,6 +116,8 @@ def load_model(
             model = attach_unsloth_lora(unsloth, model, lora, adapter, gradient_checkpointing)
         else:
             model = attach_transformers_lora(model, lora, adapter, gradient_checkpointing)
+            if offload_activations and gradient_checkpointing:
+                offloaded = _offload(model)
         model.train()
     else:
         model.requires_grad_(False)
@@ -127,7 +135,15 @@ def load_model(
         gguf_cache=gguf_cache,
         converted=converted,
         adapter=adapter,
+        offloaded_layers=offloaded,
     )
+
+
+def _offload(model: nn.Module) -> int:
+    if not torch.cuda.is_available():
+        log.warning("--offload-activations: no GPU, so nothing to offload; training without it")
+        return 0
+    return enable_offloaded_checkpointing(model)
 
 
 def describe(loaded: LoadedModel) -> dict[str, Any]:
@@ -142,6 +158,7 @@ def describe(loaded: LoadedModel) -> dict[str, Any]:
         "quantization": loaded.quantization,
         "dtype": str(loaded.dtype).removeprefix("torch."),
         "lora": lora_summary(loaded.model),
+        "offloaded_layers": loaded.offloaded_layers,
         "trainable_params": trainable,
         "total_params": total,
     }

@@ -89,6 +89,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             backend=cfg.backend,
             lora=LoraSettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets),
             gradient_checkpointing=uses_checkpointing(cfg),
+            offload_activations=cfg.offload_activations,
         )
     check_head_gives_the_logits(loaded.model)
     features, dropped = build_dataset(examples, loaded.tokenizer, cfg.max_length)
