@@ -53,8 +53,9 @@ from qseg.losses import (
 )
 
 SHAPES = {"llama3": (128256, 4096), "qwen2.5": (151936, 3584)}
-CE_ONLY_IMPLS = ("torch", "liger", "cce")
-IMPLS = ("torch", "liger", "cce", "naive", "qseg")
+# torch_linear: torch's own chunked F.linear_cross_entropy (torch >= 2.13), a peer of Liger's.
+CE_ONLY_IMPLS = ("torch", "torch_linear", "liger", "cce")
+IMPLS = ("torch", "torch_linear", "liger", "cce", "naive", "qseg")
 COLUMNS = (
     "impl",
     "loss",
@@ -98,6 +99,10 @@ def make_loss(case: dict[str, Any], labels: torch.Tensor) -> Callable[..., torch
     flat_labels = labels.view(-1)
     if impl == "torch":
         return lambda h, w: F.cross_entropy(F.linear(h, w).float().flatten(0, 1), flat_labels)
+    if impl == "torch_linear":
+        return lambda h, w: F.linear_cross_entropy(
+            h.flatten(0, 1), w, flat_labels, ignore_index=common.IGNORE_INDEX
+        )
     if impl == "naive":
         return lambda h, w: loss_from_logits(F.linear(h, w), labels, loss)
     if impl == "qseg":
@@ -352,6 +357,10 @@ def run_all(
     for case in cases:
         if case["impl"] in ("liger", "cce") and device.type != "cuda":
             row = common.skipped_row(case, "needs a CUDA device (Triton kernels)")
+            row["device"] = common.device_name(device)
+        elif case["impl"] == "torch_linear" and not hasattr(F, "linear_cross_entropy"):
+            reason = f"torch {torch.__version__} has no F.linear_cross_entropy (new in 2.13)"
+            row = common.skipped_row(case, reason)
             row["device"] = common.device_name(device)
         elif isolate:
             row = common.run_isolated("benchmarks.loss_memory", case, timeout)
