@@ -291,8 +291,7 @@ def row_logsumexp(
         or exclude.device != logits.device
     ):
         raise ValueError(
-            f"exclude must be a bool ({vocab},) tensor on {logits.device}; got "
-            f"{_describe(exclude)}"
+            f"exclude must be a bool ({vocab},) tensor on {logits.device}; got {_describe(exclude)}"
         )
     lse = torch.empty(n, dtype=torch.float32, device=logits.device)
     rest = torch.empty_like(lse) if exclude is not None else None

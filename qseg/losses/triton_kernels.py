@@ -4,6 +4,11 @@ One program handles one row of a chunk's (n, V) logits, walking the vocabulary i
 of BLOCK columns. Everything is accumulated in float32 whatever the logits' dtype. This
 module imports triton, so only `kernels` imports it, and only when a kernel runs: whether
 programs are compiled or interpreted (TRITON_INTERPRET=1) is fixed when they are defined.
+
+The programs call only triton's builtins and jit functions of their own, none of
+`triton.language`'s jit-written helpers (tl.sum, tl.max, tl.zeros): those are fixed as
+compiled or interpreted when triton is imported, which another library may have done
+before TRITON_INTERPRET was set, and compiled helpers cannot run inside the interpreter.
 """
 
 import triton
@@ -12,6 +17,16 @@ import triton.language as tl
 # The smallest normal float32: 1 − p is floored there, as `functional._one_minus` does with
 # its dtype's, so that (1 − p)^γ keeps a finite gradient for γ < 1.
 FLOAT32_TINY: tl.constexpr = 1.1754943508222875e-38
+
+
+@triton.jit
+def _add(a, b):
+    return a + b
+
+
+@triton.jit
+def _larger(a, b):
+    return tl.maximum(a, b)
 
 
 @triton.jit
@@ -35,15 +50,15 @@ def _capped(raw, logit_scale, softcap, HAS_CAP: tl.constexpr):
         t = -e / (2.0 + e)
         t = tl.where(y < 0, -t, t)
         return softcap * t, logit_scale * (1.0 - t * t)
-    return raw * logit_scale, tl.zeros_like(raw) + logit_scale
+    return raw * logit_scale, logit_scale
 
 
 @triton.jit
 def _online_lse(m, s, z):
     """Fold a block of logits z into a running (max m, Σ exp(z − m)); −inf rows stay 0."""
-    m_new = tl.maximum(m, tl.max(z, 0))
+    m_new = tl.maximum(m, tl.reduce(z, 0, _larger))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(z - m_safe), 0)
+    s = s * tl.exp(m - m_safe) + tl.reduce(tl.exp(z - m_safe), 0, _add)
     return m_new, s
 
 
@@ -90,8 +105,8 @@ def token_pass_kernel(
 
     # Pass 1: the log-sum-exp (and Σ_v z_v for label smoothing).
     m = tl.full((), float("-inf"), tl.float32)
-    s = tl.zeros((), tl.float32)
-    z_sum = tl.zeros((), tl.float32)
+    s = tl.full((), 0.0, tl.float32)
+    z_sum = tl.full((), 0.0, tl.float32)
     for start in range(0, V, BLOCK):
         offs = start + cols
         inside = offs < V
@@ -99,7 +114,7 @@ def token_pass_kernel(
         z, _ = _capped(raw, logit_scale, softcap, HAS_CAP)
         m, s = _online_lse(m, s, tl.where(inside, z, float("-inf")))
         if HAS_SMOOTHING:
-            z_sum += tl.sum(tl.where(inside, z, 0.0), 0)
+            z_sum += tl.reduce(tl.where(inside, z, 0.0), 0, _add)
     lse = _finish_lse(m, s)
 
     z_label, _ = _capped(tl.load(base + label).to(tl.float32), logit_scale, softcap, HAS_CAP)
@@ -171,9 +186,9 @@ def row_logsumexp_kernel(
     base = logits_ptr + row * row_stride
     cols = tl.arange(0, BLOCK)
     m = tl.full((), float("-inf"), tl.float32)
-    s = tl.zeros((), tl.float32)
+    s = tl.full((), 0.0, tl.float32)
     m_rest = tl.full((), float("-inf"), tl.float32)
-    s_rest = tl.zeros((), tl.float32)
+    s_rest = tl.full((), 0.0, tl.float32)
     for start in range(0, V, BLOCK):
         offs = start + cols
         inside = offs < V
