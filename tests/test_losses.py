@@ -721,3 +721,24 @@ def test_lovasz_blocks_of_classes_match_one_block(monkeypatch):
     one_class_blocks = fused_linear_loss(hidden, weight, labels, "lovasz")
     reference = reference_loss(hidden @ weight.T, labels, normalize_losses("lovasz"))
     torch.testing.assert_close(one_class_blocks, reference)
+
+
+@pytest.mark.parametrize("block_entries", [1 << 22, 1])
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_lovasz_gradient_penalty_matches_the_reference(per_sample, block_entries, monkeypatch):
+    """Lovász forms its gradient in the forward; its backward stays differentiable, so a
+    gradient penalty through loss_from_logits gets autograd's second order (the reference
+    differentiates twice through the sort)."""
+    from qseg.losses import functional
+
+    monkeypatch.setattr(functional, "LOVASZ_BLOCK_ENTRIES", block_entries)
+    hidden, weight, _, labels = make_batch(seed=4)
+    losses = {"lovasz": {"per_sample": per_sample}}
+    results = []
+    for compute in (loss_from_logits, reference_loss):
+        logits = (hidden @ weight.T).detach().requires_grad_()
+        loss = compute(logits, labels, normalize_losses(losses))
+        (grad,) = torch.autograd.grad(loss, logits, create_graph=True)
+        (second,) = torch.autograd.grad(grad.square().sum(), logits)
+        results.append([loss, grad, second])
+    assert_close(results[0], results[1])
