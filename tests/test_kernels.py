@@ -266,3 +266,99 @@ def test_availability(monkeypatch):
         with pytest.raises(ValueError, match="cannot run on cpu"):
             token_loss_pass_(raw, labels, TERMS["cross_entropy"])
     assert not triton_available("meta")
+
+
+# ---------------------------------------------------------------- through fused_linear_loss
+
+FUSED_CASES = [
+    "cross_entropy",
+    {"focal": {"gamma": 0.5}},
+    {"self_adjusting_dice": {"alpha": 0.5, "gamma": 0.2}},
+    {"cross_entropy": 0.5, "focal": 0.3, "sadl": 0.2},
+    "generalized_dice",
+    {"generalized_dice": {"absent_weight": "zero"}},
+    "dice",
+    {"lovasz": {"per_sample": True}},
+    {"focal": {"weight": 0.3, "gamma": 1.0}, "lovasz": 0.5, "sadl": 0.2},
+]
+
+
+def fused_batch(dtype, seed=0, b=3, t=9, d=6, vocab=37):
+    """Hidden, weight, bias (float64 copies for the reference) and labels; sample 1 has
+    no valid token."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(b, t, d, generator=g, dtype=torch.float64)
+    weight = torch.randn(vocab, d, generator=g, dtype=torch.float64)
+    bias = torch.randn(vocab, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, vocab, (b, t), generator=g)
+    labels[0, :2] = IGNORE
+    labels[1, :] = IGNORE
+    labels[2, ::3] = IGNORE
+    inputs = [x.to(dtype).to(DEVICE).requires_grad_() for x in (hidden, weight, bias)]
+    return inputs, [x.requires_grad_() for x in (hidden, weight, bias)], labels
+
+
+@pytest.mark.parametrize("case", FUSED_CASES, ids=str)
+def test_fused_linear_loss_on_the_kernels_matches_the_reference(case):
+    from loss_reference import reference_loss
+
+    from qseg.losses import fused_linear_loss, normalize_losses
+
+    (hidden, weight, bias), (h64, w64, b64), labels = fused_batch(torch.float32)
+    loss = fused_linear_loss(
+        hidden, weight, labels.to(DEVICE), case, bias=bias, chunk_size=5, impl="triton"
+    )
+    loss.backward()
+    expected = reference_loss(h64 @ w64.T + b64, labels, normalize_losses(case))
+    expected.backward()
+    torch.testing.assert_close(loss.cpu().double(), expected, rtol=2e-5, atol=2e-6)
+    for actual, reference in ((hidden, h64), (weight, w64), (bias, b64)):
+        torch.testing.assert_close(actual.grad.cpu().double(), reference.grad, rtol=1e-4, atol=2e-6)
+
+
+@pytest.mark.parametrize("case", ["focal", "generalized_dice"])
+def test_triton_and_torch_passes_agree_on_a_half_head(case):
+    """bf16 hidden states and head: on a CPU their products are upcast (float32 logits),
+    on CUDA the kernels read the bf16 logits; either way the two passes agree."""
+    from qseg.losses import fused_linear_loss
+
+    (hidden, weight, _), _, labels = fused_batch(torch.bfloat16, seed=1)
+    results = {}
+    for impl in ("triton", "torch"):
+        loss = fused_linear_loss(hidden, weight, labels.to(DEVICE), case, impl=impl)
+        grads = torch.autograd.grad(loss, (hidden, weight))
+        results[impl] = [loss.float(), *(g.float() for g in grads)]
+    torch.testing.assert_close(results["triton"], results["torch"], rtol=2e-2, atol=2e-3)
+
+
+def test_impl_choice(monkeypatch):
+    from qseg.losses import FusedLinearLoss, fused_linear_loss
+    from qseg.losses import kernels as kernels_module
+
+    (hidden, weight, _), _, labels = fused_batch(torch.float32)
+    labels = labels.to(DEVICE)
+    launches = []
+    original = kernels_module.token_loss_pass_
+
+    def counting(*args, **kwargs):
+        launches.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(kernels_module, "token_loss_pass_", counting)
+    fused_linear_loss(hidden, weight, labels, "ce", chunk_size=8, impl="torch")
+    assert not launches
+    fused_linear_loss(hidden, weight, labels, "ce", chunk_size=8, impl="triton")
+    assert len(launches) == 2  # 15 valid tokens in chunks of 8
+    launches.clear()
+    fused_linear_loss(hidden, weight, labels, "ce", chunk_size=8)
+    assert bool(launches) == (DEVICE == "cuda")  # "auto": Triton on CUDA only
+    with pytest.raises(ValueError, match="impl must be one of"):
+        fused_linear_loss(hidden, weight, labels, "ce", impl="cuda")
+    with pytest.raises(ValueError, match="impl must be one of"):
+        FusedLinearLoss("ce", impl="fast")
+    with pytest.raises(ValueError, match="float64 inputs"):
+        fused_linear_loss(hidden.double(), weight.double(), labels, "ce", impl="triton")
+    if DEVICE == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        with pytest.raises(ValueError, match="cannot run on cpu"):
+            fused_linear_loss(hidden, weight, labels, "ce", impl="triton")

@@ -75,6 +75,42 @@ def triton_available(device: torch.device | str) -> bool:
     return device.type == "cpu" and interpreting()
 
 
+IMPLS = ("auto", "triton", "torch")
+
+
+def uses_triton(impl: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether a fused loss with option `impl` on `device` and accumulation `dtype` runs
+    its passes over the logits as the Triton kernels here.
+
+    "torch": never. "triton": always, or a ValueError saying why it cannot. "auto": on CUDA
+    when triton imports and the inputs are not float64 (the kernels accumulate in float32,
+    and float64 inputs are promised float64), unless QSEG_TRITON=0; never on a CPU, where
+    Triton has only its interpreter.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}; got {impl!r}")
+    if impl == "torch":
+        return False
+    if impl == "triton":
+        if dtype == torch.float64:
+            raise ValueError(
+                "impl='triton' computes in float32, and float64 inputs are computed in "
+                "float64: use impl='torch' or 'auto' for them"
+            )
+        if not triton_available(device):
+            raise ValueError(
+                f"impl='triton' cannot run on {device}: it needs CUDA with triton installed, "
+                "or TRITON_INTERPRET=1 for the CPU; use impl='auto' or 'torch'"
+            )
+        return True
+    return (
+        torch.device(device).type == "cuda"
+        and dtype != torch.float64
+        and os.environ.get("QSEG_TRITON", "1") != "0"
+        and triton_available(device)
+    )
+
+
 def _programs():
     # Imported on first use: importing defines the programs, compiled or interpreted.
     from . import triton_kernels
@@ -224,6 +260,8 @@ def token_loss_pass_(
     _check_rows("row_weights", row_weights, logits)
     _check_cap(logit_scale, softcap)
     n, vocab = logits.shape
+    labels = labels.contiguous()
+    row_weights = row_weights.contiguous() if row_weights is not None else None
     loss = torch.empty(n, dtype=torch.float32, device=logits.device)
     lse = torch.empty_like(loss)
     if n == 0:
@@ -300,7 +338,7 @@ def row_logsumexp(
         _programs().row_logsumexp_kernel[(n,)](
             logits,
             logits.stride(0),
-            exclude.view(torch.uint8) if exclude is not None else lse,
+            exclude.contiguous().view(torch.uint8) if exclude is not None else lse,
             lse,
             rest if rest is not None else lse,
             vocab,
@@ -340,6 +378,7 @@ def scaled_softmax_(
     n, vocab = logits.shape
     if n == 0:
         return
+    origin, row_scale = origin.contiguous(), row_scale.contiguous()
     block = _block(vocab, block_size)
     _programs().scaled_softmax_kernel[(n,)](
         logits,
