@@ -41,7 +41,7 @@ step() {
 main() {
   date -u +"%Y-%m-%d %H:%M UTC"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-  step env 30 python3 -c "import torch, triton
+  step env 40 python3 -c "import torch, triton
 print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name(0))
 from qseg.losses.kernels import triton_available
 print('triton kernels available on cuda:', triton_available('cuda'))"
@@ -50,7 +50,7 @@ print('triton kernels available on cuda:', triton_available('cuda'))"
     tests/test_losses_gpu.py
   step table_triton 100 python3 -m benchmarks.loss_memory --device cuda --shapes llama3 \
     --tokens 8192 --dtype bf16 --reps 5 --out "$out/loss_memory_triton_gpu.json" --overwrite
-  step table_torch 70 env QSEG_TRITON=0 python3 -m benchmarks.loss_memory --device cuda \
+  step table_torch 60 env QSEG_TRITON=0 python3 -m benchmarks.loss_memory --device cuda \
     --shapes llama3 --tokens 8192 --dtype bf16 --reps 5 --impls liger qseg \
     --out "$out/loss_memory_torch_pass_gpu.json" --overwrite
   step profile 50 python3 -m benchmarks.loss_memory --device cuda --shapes llama3 \
