@@ -5,30 +5,7 @@ in float32, and where it writes a gradient writes it over the logits, in place. 
 passes in `engine` compute the same quantities and remain the fallback (float64, devices
 without Triton).
 
-The logits the losses see. From the raw logits r (the head's product), with a logit scale
-s (1 when unused) and an optional soft cap c:
-    z = s·r,  or  z = c·tanh(s·r / c);   dz/dr = s,  or  s·(1 − tanh²(s·r / c)).
-Every gradient below is with respect to z and is multiplied by dz/dr before it is written.
-
-The token-wise pass. With lse = log Σ_v exp(z_v), p = softmax(z), ℓ = z_y − lse the label's
-log-probability and u = max(1 − p_y, tiny) (1 − p_y formed as −expm1(ℓ)), a row's loss is
-    L = F(ℓ) + w_ce·ε·(lse − mean_v z_v) + λ·lse²
-    F(ℓ) = −w_ce·(1 − ε)·ℓ                                    cross-entropy, smoothing ε
-           − w_f·u^γ·ℓ                                         focal (γ)
-           + w_d·(1 − (2q + γ_d) / (q + 1 + γ_d)), q = u^α·p_y  self-adjusting dice (α, γ_d)
-times the row's weight ω (1 without weights); λ is the z-loss weight. With ∂u/∂ℓ = −p_y
-(0 where u is floored, as autograd through the floor gives):
-    F'(ℓ) = w_ce·(1 − ε)·(−1)
-          + w_f·(γ·u^(γ−1)·p_y·ℓ − u^γ)
-          − w_d·(2 + γ_d) / (q + 1 + γ_d)² · p_y·(u^α − α·u^(α−1)·p_y)
-and, as ∂ℓ/∂z = onehot(y) − p, ∂lse/∂z = p and ∂mean z/∂z = 1/V, the logit gradient is
-    dL/dz = (w_ce·ε + 2λ·lse − F'(ℓ))·p + F'(ℓ)·onehot(y) − w_ce·ε / V,
-scaled by ω and by `grad_scale` (1 / tokens for a mean). Rows labelled `ignore_index` get a
-zero loss and a zero gradient.
-
-The region passes: `row_logsumexp` gives lse, and with an `exclude` mask the log-sum-exp
-of the columns outside it; `scaled_softmax_` writes g_t · exp(z − origin_t) · dz/dr, the
-softmax part of a gradient, to which the engine adds the columns' own terms.
+The math the programs compute, gradients included, is written out in `triton_kernels`.
 """
 
 from __future__ import annotations
