@@ -742,3 +742,30 @@ def test_lovasz_gradient_penalty_matches_the_reference(per_sample, block_entries
         (second,) = torch.autograd.grad(grad.square().sum(), logits)
         results.append([loss, grad, second])
     assert_close(results[0], results[1])
+
+
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_lovasz_with_confident_predictions_matches_the_reference(per_sample):
+    """Lovász sorts only the background tokens whose error reaches their class's smallest
+    foreground error (after those ΔJ is 0): with confident predictions many are kept
+    and many left out, and the loss and gradient still match the dense reference."""
+    g = torch.Generator().manual_seed(8)
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[1, :4] = -100
+    logits = 6 * torch.randn(B, T, V, generator=g, dtype=torch.float64)
+    # Some tokens confidently right, so that their class's smallest foreground error is
+    # small and confident wrong guesses for that class rank above it.
+    logits[0].scatter_add_(1, labels[0][:, None], torch.full((T, 1), 12.0, dtype=torch.float64))
+    probs = logits.softmax(-1).reshape(-1, V)
+    valid = labels.reshape(-1) != -100
+    fg = torch.nn.functional.one_hot(labels.reshape(-1).clamp(min=0), V).bool() & valid[:, None]
+    least_fg = torch.where(fg, 1 - probs, torch.inf).amin(0)
+    kept_bg = (~fg & valid[:, None] & (probs >= least_fg)).sum()
+    assert 0 < kept_bg < (~fg & valid[:, None]).sum() / 2
+    losses = {"lovasz": {"per_sample": per_sample}}
+    results = []
+    for compute in (loss_from_logits, reference_loss):
+        leaf = logits.clone().requires_grad_()
+        loss = compute(leaf, labels, normalize_losses(losses))
+        results.append([loss, *torch.autograd.grad(loss, leaf)])
+    assert_close(results[0], results[1])

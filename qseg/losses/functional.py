@@ -191,31 +191,46 @@ def lovasz_per_class(
         with_grad: also return the gradient.
 
     Returns:
-        (k,) loss_c = Σ_i e_sorted,i · ΔJ_i, all k classes sorted at once, and with
-        `with_grad` the (m, k) d loss_c / d p_t(c), else None.
+        (k,) loss_c = Σ_i e_sorted,i · ΔJ_i, all k classes at once, and with `with_grad`
+        the (m, k) d loss_c / d p_t(c), else None.
     """
     k = prob.shape[1]
-    # Classes × tokens, so that each class sorts its errors in contiguous memory.
-    diff = (is_fg.to(prob.dtype) - prob).T.contiguous()
-    errors_sorted, order = diff.abs().sort(dim=1, descending=True)
-    fg_sorted = is_fg.T.gather(1, order).to(prob.dtype)
-    total_fg = fg_sorted.sum(1, keepdim=True)
-    intersection = total_fg - fg_sorted.cumsum(1)
-    union = total_fg + (1 - fg_sorted).cumsum(1)
+    diff = is_fg.to(prob.dtype) - prob
+    errors = diff.abs()
+    # J reaches 1 at the class's last foreground token in the order, so ΔJ is 0 after it:
+    # background tokens whose error is below every foreground error of their class carry
+    # neither loss nor gradient, in any order among them. Only the others are sorted, a
+    # few per class where the dense sort would take every token for every class.
+    least_fg = torch.where(is_fg, errors, torch.inf).amin(0)
+    token, cls = (is_fg | (errors >= least_fg)).nonzero(as_tuple=True)
+    # By class, then by error descending within a class (the order carries no gradient).
+    order = errors[token, cls].argsort(descending=True, stable=True)
+    order = order[cls[order].argsort(stable=True)]
+    token, cls = token[order], cls[order]
+    errors_sorted = errors[token, cls]
+    fg_sorted = is_fg[token, cls].to(prob.dtype)
+    counts = torch.bincount(cls, minlength=k)
+    first = counts.cumsum(0) - counts  # each class's first position (every class has one)
+    rank = torch.arange(cls.numel(), device=cls.device) - first[cls]
+    running_fg = fg_sorted.cumsum(0)
+    running_fg = running_fg - (running_fg - fg_sorted)[first][cls]  # within the class
+    total_fg = is_fg.sum(0).to(prob.dtype)[cls]
+    intersection = total_fg - running_fg
+    union = total_fg + (rank + 1) - running_fg
     jaccard_curve = 1 - intersection / union
-    delta = torch.diff(jaccard_curve, dim=1, prepend=jaccard_curve.new_zeros(k, 1))
-    losses = (errors_sorted * delta).sum(1)
+    delta = jaccard_curve - torch.where(rank == 0, 0, jaccard_curve.roll(1))
+    losses = prob.new_zeros(k).index_add_(0, cls, errors_sorted * delta)
     if not with_grad:
         return losses, None
-    # For a fixed order (it carries no gradient) loss_c is linear in the errors, e_t's
-    # coefficient being ΔJ at its rank; ∂e_t/∂p_t = sign(p_t − fg_t), as autograd
-    # through abs gives (0 where they are equal).
-    grad = torch.empty_like(delta).scatter_(1, order, delta).mul_(diff.sign_().neg_())
-    return losses, grad.T
+    # For a fixed order loss_c is linear in the errors, e_t's coefficient being ΔJ at its
+    # rank; ∂e_t/∂p_t = sign(p_t − fg_t), as autograd through abs gives (0 where equal).
+    grad = torch.zeros_like(prob)
+    grad[token, cls] = delta * diff[token, cls].sign().neg()
+    return losses, grad
 
 
-# Lovász sorts a (tokens, classes) matrix; with many classes (up to one per token) it is
-# sorted in blocks of columns of about this many entries.
+# Lovász works on a (tokens, classes) matrix; with many classes (up to one per token) it
+# takes blocks of columns of about this many entries.
 LOVASZ_BLOCK_ENTRIES = 1 << 22
 
 
