@@ -75,8 +75,12 @@ def _capped(raw, logit_scale, softcap, HAS_CAP: tl.constexpr):
         e = _expm1(-2.0 * tl.abs(y))
         t = -e / (2.0 + e)
         t = tl.where(y < 0, -t, t)
-        return softcap * t, logit_scale * (1.0 - t * t)
-    return raw * logit_scale, logit_scale
+        z = softcap * t
+        chain = logit_scale * (1.0 - t * t)
+    else:
+        z = raw * logit_scale
+        chain = logit_scale
+    return z, chain
 
 
 @triton.jit
