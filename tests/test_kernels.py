@@ -5,7 +5,11 @@ for this module's tests (the programs are defined on their first launch, so it i
 force when they are), and restored after, so the rest of a session keeps the torch path.
 """
 
+import importlib.util
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -362,3 +366,22 @@ def test_impl_choice(monkeypatch):
         monkeypatch.setenv("TRITON_INTERPRET", "0")
         with pytest.raises(ValueError, match="cannot run on cpu"):
             fused_linear_loss(hidden, weight, labels, "ce", impl="triton")
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("triton.backends.nvidia") is None,
+    reason="triton without its NVIDIA backend",
+)
+def test_programs_compile_for_a_gpu_without_spilling():
+    """The interpreter runs the programs' Python; this compiles them for sm_90, in a process
+    without TRITON_INTERPRET, and checks ptxas's register use (see the script)."""
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    script = root / "tests" / "compile_kernels_for_gpu.py"
+    run = subprocess.run(
+        [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=240
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout.count("\nok ") + run.stdout.startswith("ok ") == 7, run.stdout

@@ -20,9 +20,12 @@ from torch import Tensor
 
 LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-# Columns per step of a program; on a GPU with more warps for wider blocks. The
-# interpreter runs block operations as numpy arrays, where smaller blocks cost nothing.
-MAX_BLOCK = 16384
+# Columns per step of a program, and COLUMNS_PER_THREAD of them for each of its threads:
+# with more per thread the token pass's widest variant spills registers to the stack on
+# sm_90 (ptxas's resource usage). The interpreter runs block operations as numpy arrays,
+# where smaller blocks cost nothing.
+MAX_BLOCK = 8192
+COLUMNS_PER_THREAD = 8
 INTERPRETER_MAX_BLOCK = 1024
 
 
@@ -190,17 +193,17 @@ def _check_cap(logit_scale: float, softcap: float | None) -> None:
         )
 
 
-def _block(vocab: int, block_size: int | None) -> int:
+def launch_config(vocab: int, block_size: int | None = None) -> tuple[int, int]:
+    """(columns per step, warps per program) of the programs for a vocabulary of `vocab`;
+    `block_size` (a power of two) overrides the columns per step."""
     if block_size is not None:
         if block_size < 1 or block_size & (block_size - 1):
             raise ValueError(f"block_size must be a power of two; got {block_size}")
-        return block_size
-    top = INTERPRETER_MAX_BLOCK if interpreting() else MAX_BLOCK
-    return min(top, max(16, 1 << max(vocab - 1, 0).bit_length()))
-
-
-def _warps(block: int) -> int:
-    return 16 if block >= 8192 else 8 if block >= 2048 else 4
+        block = block_size
+    else:
+        top = INTERPRETER_MAX_BLOCK if interpreting() else MAX_BLOCK
+        block = min(top, max(16, 1 << max(vocab - 1, 0).bit_length()))
+    return block, min(32, max(4, block // (32 * COLUMNS_PER_THREAD)))
 
 
 def token_loss_pass_(
@@ -243,7 +246,7 @@ def token_loss_pass_(
     lse = torch.empty_like(loss)
     if n == 0:
         return loss, lse
-    block = _block(vocab, block_size)
+    block, warps = launch_config(vocab, block_size)
     _programs().token_pass_kernel[(n,)](
         logits,
         logits.stride(0),
@@ -271,7 +274,7 @@ def token_loss_pass_(
         HAS_SADL=terms.self_adjusting_dice != 0,
         WRITE_GRAD=grad_scale is not None,
         BLOCK=block,
-        num_warps=_warps(block),
+        num_warps=warps,
     )
     return loss, lse
 
@@ -311,7 +314,7 @@ def row_logsumexp(
     lse = torch.empty(n, dtype=torch.float32, device=logits.device)
     rest = torch.empty_like(lse) if exclude is not None else None
     if n > 0:
-        block = _block(vocab, block_size)
+        block, warps = launch_config(vocab, block_size)
         _programs().row_logsumexp_kernel[(n,)](
             logits,
             logits.stride(0),
@@ -324,7 +327,7 @@ def row_logsumexp(
             HAS_CAP=softcap is not None,
             HAS_EXCLUDE=exclude is not None,
             BLOCK=block,
-            num_warps=_warps(block),
+            num_warps=warps,
         )
     return lse if rest is None else (lse, rest)
 
@@ -356,7 +359,7 @@ def scaled_softmax_(
     if n == 0:
         return
     origin, row_scale = origin.contiguous(), row_scale.contiguous()
-    block = _block(vocab, block_size)
+    block, warps = launch_config(vocab, block_size)
     _programs().scaled_softmax_kernel[(n,)](
         logits,
         logits.stride(0),
@@ -367,5 +370,5 @@ def scaled_softmax_(
         float(softcap or 1.0),
         HAS_CAP=softcap is not None,
         BLOCK=block,
-        num_warps=_warps(block),
+        num_warps=warps,
     )

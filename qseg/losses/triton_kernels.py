@@ -42,7 +42,7 @@ import triton.language as tl
 
 # The smallest normal float32: 1 − p is floored there, as `functional._one_minus` does with
 # its dtype's, so that (1 − p)^γ keeps a finite gradient for γ < 1.
-FLOAT32_TINY: tl.constexpr = 1.1754943508222875e-38
+FLOAT32_TINY = tl.constexpr(1.1754943508222875e-38)
 
 
 @triton.jit
