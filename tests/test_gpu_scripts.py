@@ -19,7 +19,12 @@ import pytest
 from benchmarks import loss_memory
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPTS = ["scripts/gpu_check.sh", "scripts/gpu_max_context.sh", "scripts/gpu_sweep.sh"]
+SCRIPTS = [
+    "scripts/gpu_check.sh",
+    "scripts/gpu_kernels.sh",
+    "scripts/gpu_max_context.sh",
+    "scripts/gpu_sweep.sh",
+]
 # What the scripts' variables hold when they run.
 SHELL_VALUES = {
     "$out": "/tmp/out",
@@ -79,3 +84,10 @@ def test_gpu_sweep_fits_in_one_call():
     text = (REPO / "scripts/gpu_sweep.sh").read_text()
     limits = [int(s) for s in re.findall(r"timeout --kill-after=10 (\d+) python3", text)]
     assert len(limits) == 2 and sum(limits) + 10 * len(limits) <= 9 * 60, limits
+
+
+def test_gpu_kernels_fits_in_eight_minutes():
+    """Its steps, killed 10 s after their timeouts at the latest, end within 8 minutes."""
+    text = (REPO / "scripts/gpu_kernels.sh").read_text()
+    limits = [int(s) for s in re.findall(r"^\s*step \w+ (\d+) ", text, flags=re.MULTILINE)]
+    assert len(limits) == 5 and sum(limits) + 10 * len(limits) <= 8 * 60, limits

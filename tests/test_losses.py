@@ -723,3 +723,51 @@ def test_lovasz_blocks_of_classes_match_one_block(monkeypatch):
     one_class_blocks = fused_linear_loss(hidden, weight, labels, "lovasz")
     reference = reference_loss(hidden @ weight.T, labels, normalize_losses("lovasz"))
     torch.testing.assert_close(one_class_blocks, reference)
+
+
+@pytest.mark.parametrize("block_entries", [1 << 22, 1])
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_lovasz_gradient_penalty_matches_the_reference(per_sample, block_entries, monkeypatch):
+    """Lovász forms its gradient in the forward; its backward stays differentiable, so a
+    gradient penalty through loss_from_logits gets autograd's second order (the reference
+    differentiates twice through the sort)."""
+    from qseg.losses import functional
+
+    monkeypatch.setattr(functional, "LOVASZ_BLOCK_ENTRIES", block_entries)
+    hidden, weight, _, labels = make_batch(seed=4)
+    losses = {"lovasz": {"per_sample": per_sample}}
+    results = []
+    for compute in (loss_from_logits, reference_loss):
+        logits = (hidden @ weight.T).detach().requires_grad_()
+        loss = compute(logits, labels, normalize_losses(losses))
+        (grad,) = torch.autograd.grad(loss, logits, create_graph=True)
+        (second,) = torch.autograd.grad(grad.square().sum(), logits)
+        results.append([loss, grad, second])
+    assert_close(results[0], results[1])
+
+
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_lovasz_with_confident_predictions_matches_the_reference(per_sample):
+    """Lovász sorts only the background tokens whose error reaches their class's smallest
+    foreground error (after those ΔJ is 0): with confident predictions many are kept
+    and many left out, and the loss and gradient still match the dense reference."""
+    g = torch.Generator().manual_seed(8)
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[1, :4] = -100
+    logits = 6 * torch.randn(B, T, V, generator=g, dtype=torch.float64)
+    # Some tokens confidently right, so that their class's smallest foreground error is
+    # small and confident wrong guesses for that class rank above it.
+    logits[0].scatter_add_(1, labels[0][:, None], torch.full((T, 1), 12.0, dtype=torch.float64))
+    probs = logits.softmax(-1).reshape(-1, V)
+    valid = labels.reshape(-1) != -100
+    fg = torch.nn.functional.one_hot(labels.reshape(-1).clamp(min=0), V).bool() & valid[:, None]
+    least_fg = torch.where(fg, 1 - probs, torch.inf).amin(0)
+    kept_bg = (~fg & valid[:, None] & (probs >= least_fg)).sum()
+    assert 0 < kept_bg < (~fg & valid[:, None]).sum() / 2
+    losses = {"lovasz": {"per_sample": per_sample}}
+    results = []
+    for compute in (loss_from_logits, reference_loss):
+        leaf = logits.clone().requires_grad_()
+        loss = compute(leaf, labels, normalize_losses(losses))
+        results.append([loss, *torch.autograd.grad(loss, leaf)])
+    assert_close(results[0], results[1])

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import engine, functional, passes
+from . import engine, functional, kernels, passes
 from .autotune import plan_chunks
 from .head import head_weight_shape, linear_parts
 from .registry import normalize_losses, split_by_kind
@@ -152,6 +152,7 @@ def fused_linear_loss(
     ignore_index: int = -100,
     num_tokens: int | None = None,
     num_samples: int | None = None,
+    impl: str = "auto",
 ) -> Tensor:
     """A loss mixture from hidden states and the output head, never holding full logits.
 
@@ -172,11 +173,16 @@ def fused_linear_loss(
             so at least that number.
         num_samples: scale region terms by (samples here) / num_samples (likewise: the
             samples with a valid token of the whole batch).
+        impl: how each chunk's pass over its logits runs: "triton", as fused Triton
+            kernels (one launch per chunk); "torch", as torch operations; "auto", torch
+            unless `QSEG_TRITON=1` asks for the kernels (`kernels.uses_triton`).
 
     Returns:
         A 0-dim tensor, float32 (float64 for float64 inputs).
     """
     mixture = normalize_losses(losses)
+    if impl not in kernels.IMPLS:
+        raise ValueError(f"impl must be one of {kernels.IMPLS}; got {impl!r}")
     vocab, dim = head_weight_shape(weight)
     _check_shapes(hidden, labels, "hidden")
     if hidden.shape[-1] != dim:
@@ -199,10 +205,20 @@ def fused_linear_loss(
     rows = _chunk_rows(chunk_size, chunk_memory, mixture, tokens, h, vocab, weights, bias)
     dtype = engine.accumulation_dtype(*hiddens, *weights, bias)
     bias = bias.to(dtype) if bias is not None else None
+    use_triton = kernels.uses_triton(impl, hidden.device, dtype)
     # The engine and the mixture manage their own precision; autocast would recast them.
     with torch.autocast(hidden.device.type, enabled=False):
         return _fused_mixture(
-            mixture, tokens, rows, hiddens, weights, bias, index, num_tokens, num_samples
+            mixture,
+            tokens,
+            rows,
+            hiddens,
+            weights,
+            bias,
+            index,
+            num_tokens,
+            num_samples,
+            use_triton,
         )
 
 
@@ -236,18 +252,24 @@ def _fused_mixture(
     index: Tensor | None,
     num_tokens: int | None,
     num_samples: int | None,
+    use_triton: bool = False,
 ) -> Tensor:
     """The mixture through the engine: one fused pass, or column log-probs and functional."""
     token_part, region_part = split_by_kind(mixture)
     if not region_part:
-        per_token = functional.weighted_token_loss(token_part)
+        if use_triton and kernels.TokenTerms.supports(token_part):
+            per_token = kernels.TokenTerms.from_losses(token_part)
+        else:
+            per_token = functional.weighted_token_loss(token_part)
         scale = 1 / (tokens.labels.shape[0] if num_tokens is None else num_tokens)
         return passes.token_loss(
             tokens.labels, per_token, scale, rows, hiddens, weights, bias, index
         )
     classes, target = torch.unique(tokens.labels, return_inverse=True)
     with_rest = functional.needs_rest(region_part)
-    logp = passes.column_log_probs(classes, rows, hiddens, weights, bias, index, with_rest)
+    logp = passes.column_log_probs(
+        classes, rows, hiddens, weights, bias, index, with_rest, use_triton
+    )
     stats = _class_stats(logp, target, tokens, with_rest)
     return _mixture_loss(mixture, tokens, stats.label_logp(), stats, num_tokens, num_samples)
 
@@ -299,7 +321,7 @@ class FusedLinearLoss(nn.Module):
 
     # Options fixed at construction. The normalizers change per step and a bias belongs to
     # the model (its parameter, moved and saved with it), so forward takes them.
-    OPTIONS = ("chunk_size", "chunk_memory", "ignore_index")
+    OPTIONS = ("chunk_size", "chunk_memory", "ignore_index", "impl")
 
     def __init__(self, losses: str | dict, **options: Any):
         super().__init__()
@@ -312,6 +334,8 @@ class FusedLinearLoss(nn.Module):
             )
         if "chunk_size" in options:
             _checked_chunk_size(options["chunk_size"])
+        if options.get("impl", "auto") not in kernels.IMPLS:
+            raise ValueError(f"impl must be one of {kernels.IMPLS}; got {options['impl']!r}")
         self.options = options
 
     def forward(

@@ -19,7 +19,6 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
 # --------------------------------------------------------------------------- token-wise
 # Each maps logp (n,), the log-probability of every valid token's label, to (n,) losses.
@@ -181,47 +180,110 @@ def needs_rest(mixture: dict[str, dict[str, Any]]) -> bool:
     return params is not None and params["absent_weight"] != "zero"
 
 
-def lovasz_per_class(prob: Tensor, is_fg: Tensor) -> Tensor:
+def lovasz_per_class(
+    prob: Tensor, is_fg: Tensor, with_grad: bool = False
+) -> tuple[Tensor, Tensor | None]:
     """Lovász-Softmax loss of each class over one group of tokens (Berman et al. 2018).
 
     Args:
         prob: (m, k) p_t(c) of the group's m tokens for k classes present in it.
         is_fg: (m, k) bool, y_t = c.
+        with_grad: also return the gradient.
 
     Returns:
-        (k,) loss_c = Σ_i e_sorted,i · ΔJ_i, all k classes sorted at once.
+        (k,) loss_c = Σ_i e_sorted,i · ΔJ_i, all k classes at once, and with `with_grad`
+        the (m, k) d loss_c / d p_t(c), else None.
     """
-    errors = (is_fg.to(prob.dtype) - prob).abs()
-    errors_sorted, order = errors.sort(dim=0, descending=True)  # the order carries no gradient
-    fg_sorted = is_fg.gather(0, order).to(prob.dtype)
-    total_fg = fg_sorted.sum(0)
-    intersection = total_fg - fg_sorted.cumsum(0)
-    union = total_fg + (1 - fg_sorted).cumsum(0)
+    k = prob.shape[1]
+    diff = is_fg.to(prob.dtype) - prob
+    errors = diff.abs()
+    # J reaches 1 at the class's last foreground token in the order, so ΔJ is 0 after it:
+    # background tokens whose error is below every foreground error of their class carry
+    # neither loss nor gradient, in any order among them. Only the others are sorted, a
+    # few per class where the dense sort would take every token for every class.
+    least_fg = torch.where(is_fg, errors, torch.inf).amin(0)
+    token, cls = (is_fg | (errors >= least_fg)).nonzero(as_tuple=True)
+    # By class, then by error descending within a class (the order carries no gradient).
+    order = errors[token, cls].argsort(descending=True, stable=True)
+    order = order[cls[order].argsort(stable=True)]
+    token, cls = token[order], cls[order]
+    errors_sorted = errors[token, cls]
+    fg_sorted = is_fg[token, cls].to(prob.dtype)
+    counts = torch.bincount(cls, minlength=k)
+    first = counts.cumsum(0) - counts  # each class's first position (every class has one)
+    rank = torch.arange(cls.numel(), device=cls.device) - first[cls]
+    running_fg = fg_sorted.cumsum(0)
+    running_fg = running_fg - (running_fg - fg_sorted)[first][cls]  # within the class
+    total_fg = is_fg.sum(0).to(prob.dtype)[cls]
+    intersection = total_fg - running_fg
+    union = total_fg + (rank + 1) - running_fg
     jaccard_curve = 1 - intersection / union
-    delta = torch.cat([jaccard_curve[:1], jaccard_curve[1:] - jaccard_curve[:-1]])
-    return (errors_sorted * delta).sum(0)
+    delta = jaccard_curve - torch.where(rank == 0, 0, jaccard_curve.roll(1))
+    losses = prob.new_zeros(k).index_add_(0, cls, errors_sorted * delta)
+    if not with_grad:
+        return losses, None
+    # For a fixed order loss_c is linear in the errors, e_t's coefficient being ΔJ at its
+    # rank; ∂e_t/∂p_t = sign(p_t − fg_t), as autograd through abs gives (0 where equal).
+    grad = torch.zeros_like(prob)
+    grad[token, cls] = delta * diff[token, cls].sign().neg()
+    return losses, grad
 
 
-# Lovász sorts a (tokens, classes) matrix; with many classes (up to one per token) it is
-# sorted in blocks of columns of about this many entries, each recomputed in the backward.
+# Lovász works on a (tokens, classes) matrix; with many classes (up to one per token) it
+# takes blocks of columns of about this many entries.
 LOVASZ_BLOCK_ENTRIES = 1 << 22
 
 
-def _lovasz_block(logp: Tensor, target: Tensor, cols: Tensor) -> Tensor:
-    prob = logp.index_select(1, cols).exp()
-    return lovasz_per_class(prob, target[:, None] == cols[None, :])
+class LovaszFunction(torch.autograd.Function):
+    """Lovász-Softmax losses of groups of tokens, their gradient found in the forward.
 
+    Autograd through the sort would keep, or recompute in the backward, every block's
+    (tokens × classes) sort and the steps after it. For a fixed order (it carries no
+    gradient) a group's loss is Σ_{t,c} a_tc · p_t(c) locally, a_tc = ΔJ at the rank of
+    e_t(c), times sign(p − fg) and 1 / k: so each block is sorted once, in the forward, and
+    the backward is a_tc · exp(logp_tc), itself differentiable (a gradient penalty through
+    `loss_from_logits` gets the second order autograd would give).
 
-def _lovasz_group(logp: Tensor, target: Tensor, cols: Tensor) -> Tensor:
-    """Mean Lovász loss over the classes `cols` of one group: logp (m, k), target (m,)."""
-    step = max(1, LOVASZ_BLOCK_ENTRIES // max(logp.shape[0], 1))
-    if step >= cols.numel() or not logp.requires_grad:
-        return _lovasz_block(logp, target, cols).mean()
-    blocks = [
-        checkpoint(_lovasz_block, logp, target, cols[s : s + step], use_reentrant=False)
-        for s in range(0, cols.numel(), step)
-    ]
-    return torch.cat(blocks).mean()
+    Inputs: logp (n, K) log p_t(c) of the classes present in the batch, target (n,) the
+    column of each token's label, groups: a list of (rows (m,) of the group, or None for
+    all n; cols (k,) the group's present classes), row_group (n,) each row's group.
+    Output: (G,) each group's mean over its classes of loss_c. The (n, K) coefficients a
+    are held from the forward to the backward (as autograd would hold the gradient).
+    """
+
+    @staticmethod
+    def forward(ctx, logp, target, groups, row_group):
+        coef = torch.zeros_like(logp) if ctx.needs_input_grad[0] else None
+        losses = []
+        for rows, cols in groups:
+            group_logp = logp if rows is None else logp.index_select(0, rows)
+            group_target = target if rows is None else target.index_select(0, rows)
+            step = max(1, LOVASZ_BLOCK_ENTRIES // max(group_logp.shape[0], 1))
+            total = logp.new_zeros(())
+            for start in range(0, cols.numel(), step):
+                block = cols[start : start + step]
+                prob = group_logp.index_select(1, block).exp()
+                is_fg = group_target[:, None] == block[None, :]
+                class_losses, d_prob = lovasz_per_class(prob, is_fg, coef is not None)
+                total += class_losses.sum()
+                if coef is None:
+                    continue
+                d_prob = d_prob.div_(cols.numel())
+                if rows is None:
+                    coef.index_copy_(1, block, d_prob)
+                else:
+                    coef.index_put_((rows[:, None], block[None, :]), d_prob)
+            losses.append(total / cols.numel())
+        ctx.save_for_backward(coef, logp, row_group)
+        return torch.stack(losses)
+
+    @staticmethod
+    def backward(ctx, grad_losses):
+        coef, logp, row_group = ctx.saved_tensors
+        factor = grad_losses[row_group][:, None]
+        if torch.is_grad_enabled():  # create_graph: out of place, so autograd can follow
+            return coef * logp.exp() * factor, None, None, None
+        return logp.exp().mul_(coef).mul_(factor), None, None, None
 
 
 def lovasz(stats: ClassStats, per_sample: bool) -> Tensor:
@@ -231,13 +293,15 @@ def lovasz(stats: ClassStats, per_sample: bool) -> Tensor:
     """
     if not per_sample:
         cols = torch.arange(stats.logp.shape[1], device=stats.logp.device)
-        return _lovasz_group(stats.logp, stats.target, cols)[None]
-    losses = []
-    for b in range(stats.num_samples):
-        rows = (stats.sample == b).nonzero().squeeze(1)
-        cols = stats.present[b].nonzero().squeeze(1)
-        losses.append(_lovasz_group(stats.logp[rows], stats.target[rows], cols))
-    return torch.stack(losses)
+        groups = [(None, cols)]
+        row_group = torch.zeros_like(stats.target)
+    else:
+        groups = [
+            ((stats.sample == b).nonzero().squeeze(1), stats.present[b].nonzero().squeeze(1))
+            for b in range(stats.num_samples)
+        ]
+        row_group = stats.sample
+    return LovaszFunction.apply(stats.logp, stats.target, groups, row_group)
 
 
 REGION_LOSSES: dict[str, Callable[..., Tensor]] = {

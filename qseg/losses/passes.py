@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from . import engine
+from . import engine, kernels
 
 
 def _refuse_double_backward() -> None:
@@ -41,9 +41,10 @@ def _split_parts(parts: Sequence[Tensor]) -> tuple[Sequence[Tensor], Sequence[Te
 class TokenLossFunction(torch.autograd.Function):
     """scale · Σ_t f(log p_t(y_t)) over the scored rows, its gradient formed in the forward.
 
-    Inputs: labels (n,), per_token_loss f: (c,) -> (c,), scale, chunk_rows, index (n,) of
-    the scored rows among the parts' N (None: all N = n, in order), bias (V,) or None,
-    then the parts h_1 (N, d_1), W_1 (V, d_1), h_2, W_2, ...
+    Inputs: labels (n,), per_token_loss f: (c,) -> (c,), or the same mixture as
+    `kernels.TokenTerms` to run each chunk's pass as one Triton kernel, scale, chunk_rows,
+    index (n,) of the scored rows among the parts' N (None: all N = n, in order), bias (V,)
+    or None, then the parts h_1 (N, d_1), W_1 (V, d_1), h_2, W_2, ...
     Output: a 0-dim tensor. The scale (1 / tokens for a mean) is applied inside, so the
     upstream gradient is usually 1 and the gradient buffers are handed over uncopied.
     """
@@ -60,6 +61,16 @@ class TokenLossFunction(torch.autograd.Function):
         for rows, picked in engine._chunks(labels.shape[0], chunk_rows, index):
             chunk = engine._take(hiddens, picked)
             logits = engine.chunk_logits(chunk, weights, bias, dtype)
+            if isinstance(per_token_loss, kernels.TokenTerms):
+                grad_scale = scale if wants_grad else None
+                losses, _ = kernels.token_loss_pass_(
+                    logits, labels[rows], per_token_loss, grad_scale=grad_scale
+                )
+                total += losses.sum()
+                if wants_grad:
+                    sink.add(logits, chunk, picked)
+                del logits
+                continue
             lse = logsumexp(logits, dtype)
             target = labels[rows, None]
             logp = logits.gather(1, target).squeeze(1).to(dtype) - lse
@@ -104,9 +115,10 @@ class TokenLossFunction(torch.autograd.Function):
 class HeadColumnsFunction(torch.autograd.Function):
     """Per-row log-probabilities of shared columns, in bounded memory.
 
-    Inputs: columns (k,) long, with_rest, chunk_rows, index (n,) of the scored rows among
-    the parts' N (None: all N = n, in order), bias (V,) or None, then the parts h_1 (N, d_1),
-    W_1 (V, d_1), h_2, W_2, ...
+    Inputs: columns (k,) long, with_rest, use_triton (the passes over a chunk's logits as
+    Triton kernels), chunk_rows, index (n,) of the scored rows among the parts' N (None:
+    all N = n, in order), bias (V,) or None, then the parts h_1 (N, d_1), W_1 (V, d_1), h_2,
+    W_2, ...
     Output: (n, k) log p_t(c) for the classes c in `columns`, in the accumulation dtype;
     with `with_rest`, (n, k + 1), the last column log Σ_{c ∉ columns} p_t(c), the rest of
     the vocabulary's probability, from its own log-sum-exp (1 − Σ_c p_t(c) would cancel).
@@ -115,7 +127,7 @@ class HeadColumnsFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, columns, with_rest, chunk_rows, index, bias, *parts):
+    def forward(ctx, columns, with_rest, use_triton, chunk_rows, index, bias, *parts):
         hiddens, weights = _split_parts(parts)
         dtype = engine.accumulation_dtype(bias, *parts)
         logsumexp = engine._kernel(engine._logsumexp, columns.device)
@@ -124,11 +136,21 @@ class HeadColumnsFunction(torch.autograd.Function):
         lse = torch.empty(n, dtype=dtype, device=columns.device)
         rest_lse = torch.empty(n, dtype=dtype, device=columns.device) if with_rest else None
         logp = torch.empty(n, k + with_rest, dtype=dtype, device=columns.device)
+        if use_triton and with_rest:
+            in_columns = torch.zeros(weights[0].shape[0], dtype=torch.bool, device=columns.device)
+            in_columns[columns] = True
         for rows, picked in engine._chunks(n, chunk_rows, index):
             logits = engine.chunk_logits(engine._take(hiddens, picked), weights, bias, dtype)
             at_columns = logits.index_select(1, columns).to(dtype)
+            if use_triton:
+                # One kernel reads the logits once for both log-sum-exps.
+                if with_rest:
+                    lse[rows], rest_lse[rows] = kernels.row_logsumexp(logits, exclude=in_columns)
+                    logp[rows, k] = rest_lse[rows] - lse[rows]
+                else:
+                    lse[rows] = kernels.row_logsumexp(logits)
             # The backward recomputes the logits: their log-sum-exp may consume them.
-            if with_rest:
+            elif with_rest:
                 logits.index_fill_(1, columns, float("-inf"))
                 rest_lse[rows] = engine.consuming_logsumexp(logits, dtype, logsumexp)
                 # The whole vocabulary's from its two parts: a sum, nothing cancels.
@@ -143,6 +165,7 @@ class HeadColumnsFunction(torch.autograd.Function):
         # once the logits are huge. It is −inf where there is no rest (every class present,
         # or the others at −inf).
         ctx.chunk_rows = chunk_rows
+        ctx.use_triton = use_triton
         ctx.save_for_backward(columns, index, lse, rest_lse, bias, *parts)
         return logp
 
@@ -157,13 +180,16 @@ class HeadColumnsFunction(torch.autograd.Function):
     def _backward(ctx, grad_logp):
         columns, index, lse, rest_lse, bias, *parts = ctx.saved_tensors
         hiddens, weights = _split_parts(parts)
-        scaled_softmax_ = engine._kernel(engine._scaled_softmax_, lse.device)
+        if ctx.use_triton:
+            scaled_softmax_ = kernels.scaled_softmax_
+        else:
+            scaled_softmax_ = engine._kernel(engine._scaled_softmax_, lse.device)
         if rest_lse is not None:
             # The exponent's origin off the columns: rest_lse, or 0 where there is no rest
             # (z is −inf there, so exp(z − 0) = 0 where exp(z − rest_lse) would be NaN).
             has_rest = rest_lse > float("-inf")
             rest_origin = torch.where(has_rest, rest_lse, 0.0)
-        sink = engine._GradientSink(hiddens, weights, bias, ctx.needs_input_grad[4:])
+        sink = engine._GradientSink(hiddens, weights, bias, ctx.needs_input_grad[5:])
         k = columns.shape[0]
         for rows, picked in engine._chunks(lse.shape[0], ctx.chunk_rows, index):
             chunk = engine._take(hiddens, picked)
@@ -185,12 +211,12 @@ class HeadColumnsFunction(torch.autograd.Function):
                 logits.index_copy_(1, columns, columns_grad.to(logits.dtype))
             sink.add(logits, chunk, picked)
             del logits  # else it holds this chunk's buffer while the next one is made
-        return None, None, None, None, *sink.grads()
+        return None, None, None, None, None, *sink.grads()
 
 
 def token_loss(
     labels: Tensor,
-    per_token_loss: Callable[[Tensor], Tensor],
+    per_token_loss: Callable[[Tensor], Tensor] | kernels.TokenTerms,
     scale: float,
     chunk_rows: int,
     hiddens: Sequence[Tensor],
@@ -217,12 +243,15 @@ def column_log_probs(
     bias: Tensor | None,
     index: Tensor | None = None,
     with_rest: bool = False,
+    use_triton: bool = False,
 ) -> Tensor:
     """(n, k) log p_t(c) of the rows `index` (n,) of the parts (all rows when None) for the
     classes c in `columns` (k,); with `with_rest`, (n, k + 1), the last column the log of
     the probability of all other classes (see `HeadColumnsFunction`)."""
     parts = _interleave(hiddens, weights)
-    return HeadColumnsFunction.apply(columns, with_rest, chunk_rows, index, bias, *parts)
+    return HeadColumnsFunction.apply(
+        columns, with_rest, use_triton, chunk_rows, index, bias, *parts
+    )
 
 
 def _interleave(hiddens: Sequence[Tensor], weights: Sequence[Tensor]) -> list[Tensor]:
