@@ -16,24 +16,8 @@ export PYTHONPATH="$PWD/.gpu-site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 out=${OUT:-benchmarks/results/gpu}
 committed_context=benchmarks/results/gpu/max_context_gpu.json
-steps=$(mktemp -d)
 mkdir -p "$out"
-summary=()
-
-# step NAME SECONDS COMMAND...: run it under timeout, its output also in $steps/NAME.
-step() {
-  local name=$1 limit=$2
-  shift 2
-  echo
-  echo "=== $name (timeout ${limit} s): $*"
-  local start=$SECONDS
-  timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$steps/$name"
-  local rc=${PIPESTATUS[0]}
-  local verdict="ok"
-  [ "$rc" = 124 ] && verdict="TIMED OUT"
-  [ "$rc" != 0 ] && [ "$rc" != 124 ] && verdict="FAILED (exit $rc)"
-  summary+=("$(printf '%-12s %-18s %4d s' "$name" "$verdict" $((SECONDS - start)))")
-}
+source "$(dirname "$0")/steps.sh"
 
 main() {
   date -u +"%Y-%m-%d %H:%M UTC"

@@ -19,24 +19,8 @@ export PYTHONPATH="$PWD/.gpu-site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET  # compiled kernels, not the interpreter
 out=${OUT:-benchmarks/results/gpu}
-steps=$(mktemp -d)
 mkdir -p "$out"
-summary=()
-
-# step NAME SECONDS COMMAND...: run it under timeout, its output also in $steps/NAME.
-step() {
-  local name=$1 limit=$2
-  shift 2
-  echo
-  echo "=== $name (timeout ${limit} s): $*"
-  local start=$SECONDS
-  timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$steps/$name"
-  local rc=${PIPESTATUS[0]}
-  local verdict="ok"
-  [ "$rc" = 124 ] && verdict="TIMED OUT"
-  [ "$rc" != 0 ] && [ "$rc" != 124 ] && verdict="FAILED (exit $rc)"
-  summary+=("$(printf '%-14s %-18s %4d s' "$name" "$verdict" $((SECONDS - start)))")
-}
+source "$(dirname "$0")/steps.sh"
 
 main() {
   date -u +"%Y-%m-%d %H:%M UTC"

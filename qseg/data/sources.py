@@ -161,19 +161,9 @@ def _resolve(source: str, split: str) -> tuple[str, Iterator[dict[str, Any]]]:
     )
 
 
-def load_examples(
-    source: str,
-    split: str = "train",
-    *,
-    fmt: str = "steps",
-    limit: int | None = None,
-    chat_template: str = "auto",
-    fields: dict[str, str] | None = None,
-) -> list[Example]:
-    """Read a dataset and format it into examples (`read_examples` without its summary)."""
-    return read_examples(
-        source, split, fmt=fmt, limit=limit, chat_template=chat_template, fields=fields
-    )[0]
+def load_examples(source: str, split: str = "train", **options: Any) -> list[Example]:
+    """The examples of `read_examples(source, split, **options)`, without its summary."""
+    return read_examples(source, split, **options)[0]
 
 
 def read_examples(
