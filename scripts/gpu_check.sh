@@ -61,13 +61,7 @@ print('unsloth', unsloth.__version__ if unsloth else 'NOT USABLE: ' + why)"
     --caps 8 12 16 24 --jobs 3 --time-budget 45 --trial-timeout 55 "${resume[@]}" \
     --out "$out/max_context_gpu.json" --overwrite
 
-  echo
-  echo "=== summary"
-  printf '%s\n' "${summary[@]}"
-  echo "--- verdicts"
-  (cd "$steps" && grep -E "^(target vs|\[.*\] .*within 10%)" -- *) || echo "(no verdict lines)"
-  echo "--- files in $out"
-  ls -l "$out"
+  summarize '^(target vs|\[.*\] .*within 10%)'
 }
 
 main 2>&1 | tee "$out/gpu_check.log"

@@ -42,13 +42,7 @@ print('triton kernels available on cuda:', triton_available('cuda'))"
     --losses cross_entropy focal generalized_dice lovasz --reps 3 --profile \
     --out "$out/profile_triton_gpu.json" --overwrite
 
-  echo
-  echo "=== summary"
-  printf '%s\n' "${summary[@]}"
-  echo "--- verdicts"
-  (cd "$steps" && grep -E "^target vs" -- *) || echo "(no verdict lines)"
-  echo "--- files in $out"
-  ls -l "$out"
+  summarize '^target vs'
 }
 
 main 2>&1 | tee "$out/gpu_kernels.log"

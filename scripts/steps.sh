@@ -17,3 +17,14 @@ step() {
   [ "$rc" != 0 ] && [ "$rc" != 124 ] && verdict="FAILED (exit $rc)"
   summary+=("$(printf '%-14s %-18s %4d s' "$name" "$verdict" $((SECONDS - start)))")
 }
+
+# summarize VERDICT_REGEX: each step's verdict, the benchmarks' verdict lines, the files.
+summarize() {
+  echo
+  echo "=== summary"
+  printf '%s\n' "${summary[@]}"
+  echo "--- verdicts"
+  (cd "$steps" && grep -E "$1" -- *) || echo "(no verdict lines)"
+  echo "--- files in $out"
+  ls -l "$out"
+}
