@@ -201,3 +201,17 @@ def test_ties_and_lone_runs_are_not_bold(tmp_path):
         "| b | dice | gsm8k | 5 | 0.500 | 0.200 | 0.000 |",
         "| c | dice | x | 5 | 0.100 | 0.100 | 0.100 |",
     ]
+
+
+def test_compare_takes_free_text_reports(tmp_path):
+    """Reports of `qseg eval` on users' own data (exact match and token F1) compare too."""
+    paths = []
+    for name, em, f1 in (("ce", 0.25, 0.5), ("lovasz", 0.5, 0.75)):
+        setup = {"adapter": f"runs/{name}", "loss": {"cross_entropy": 1.0}, "dataset": "qa.jsonl"}
+        summary_ = {"dataset": "prompt-completion", "n": 4, "exact_match": em, "f1": f1}
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({"summary": summary_, "setup": setup}))
+        paths.append(path)
+    table = markdown_table([load_result(path) for path in paths])
+    assert table.splitlines()[0] == "| run | loss | dataset | n | exact_match | f1 |"
+    assert "| lovasz | cross_entropy:1 | prompt-completion | 4 | **0.500** | **0.750** |" in table
