@@ -34,9 +34,8 @@ from .engine import upcasts_half_products, uses_compiled_kernels
 from .registry import normalize_losses, split_by_kind
 
 MiB = 1 << 20
-# In the H100 sweep of 2026-11-27 (benchmarks/results/gpu/autotune_gpu.json) 384 MiB
-# gave region losses 752-row chunks at Llama-3's head and 8192 tokens, 1.18-1.20x Liger's
-# fused cross-entropy memory, while 2048-row chunks were at most 9% faster.
+# A cap on one chunk's bytes: larger chunks than this bought little time on a GPU in the
+# chunk-size sweep (benchmarks/README.md) and cost memory a long context needs.
 CUDA_BUDGET_CAP = 384 * MiB
 CPU_BUDGET_CAP = 128 * MiB
 # Row counts are rounded down to a multiple of this (when larger) to keep matmuls aligned.
