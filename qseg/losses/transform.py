@@ -22,6 +22,22 @@ from torch import Tensor
 CAP_BLOCK_ENTRIES = 1 << 20
 
 
+def transform_logits(
+    logits: Tensor, *, logit_softcap: float | None = None, logit_scale: float | None = None
+) -> Tensor:
+    """The logits a model predicts with from its head's product, as the losses form them.
+
+    Args:
+        logits: (..., V) the head's output h Wᵀ + b.
+        logit_softcap: c > 0, or None: cap to c·tanh(z / c) after the scale.
+        logit_scale: s > 0, or None: multiply by s first.
+
+    Returns:
+        (..., V), differentiable; `logits` itself when both are None.
+    """
+    return LogitTransform.checked(logit_softcap, logit_scale).apply(logits)
+
+
 @dataclass(frozen=True)
 class LogitTransform:
     """The map from the head's product to the model's logits.
