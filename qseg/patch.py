@@ -281,8 +281,9 @@ def _loss_and_stats(
             )
         # Token-wise terms: sum / scored * scored / total = sum / total, exactly.
         loss = loss * (scored / total)
-    stats = token_stats(hidden, head, next_labels, state.chunk_size, options) if with_stats else None
-    return loss, stats
+    if not with_stats:
+        return loss, None
+    return loss, token_stats(hidden, head, next_labels, state.chunk_size, options)
 
 
 def _count(num_items: Any) -> int | None:

@@ -351,7 +351,9 @@ def test_fused_linear_loss_module_checks_its_options_when_built():
         FusedLinearLoss("ce", chunksize=64)
     with pytest.raises(ValueError, match="chunk_size must be a positive int"):
         FusedLinearLoss("ce", chunk_size=0)
-    with pytest.raises(ValueError, match="bias, num_tokens, num_samples and token_weights go to forward"):
+    with pytest.raises(
+        ValueError, match="bias, num_tokens, num_samples and token_weights go to forward"
+    ):
         FusedLinearLoss("ce", bias=torch.zeros(V))
 
 

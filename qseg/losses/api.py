@@ -169,9 +169,7 @@ def _fused_mixture(
         )
     classes, target = torch.unique(tokens.labels, return_inverse=True)
     with_rest = functional.needs_rest(region_part)
-    logp = passes.column_log_probs(
-        classes, rows, hiddens, weights, bias, index, with_rest, options
-    )
+    logp = passes.column_log_probs(classes, rows, hiddens, weights, bias, index, with_rest, options)
     k = classes.shape[0] + with_rest
     stats = class_stats(logp[:, :k], target, tokens, with_rest)
     lse, mean = (logp[:, k], logp[:, k + 1]) if options.needs_lse else (None, None)
