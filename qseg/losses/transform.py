@@ -18,8 +18,10 @@ import torch
 from torch import Tensor
 
 # Columns of a chunk handled at a time when a cap's derivative needs a temporary: it
-# then holds about this many entries instead of a second (chunk, V) buffer.
+# then holds at most this many entries, and at most this fraction of the chunk, instead
+# of a second (chunk, V) buffer.
 CAP_BLOCK_ENTRIES = 1 << 20
+CAP_BLOCK_FRACTION = 16
 
 
 def transform_logits(
@@ -109,7 +111,9 @@ class LogitTransform:
             if shift is not None:
                 logits.add_((shift * self.scale)[:, None].to(logits.dtype))
             return
-        cols = max(1, CAP_BLOCK_ENTRIES // max(1, logits.shape[0]))
+        vocab = logits.shape[1]
+        cols = min(CAP_BLOCK_ENTRIES // max(1, logits.shape[0]), -(-vocab // CAP_BLOCK_FRACTION))
+        cols = max(1, cols)
         for start in range(0, logits.shape[1], cols):
             block = logits[:, start : start + cols]
             grad_factor = self.factor(block)
