@@ -30,8 +30,8 @@ from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from qseg.constants import CE_SCOPES, IGNORE_INDEX
-from qseg.losses import fused_linear_loss, loss_kind, normalize_losses
-from qseg.models import check_head_gives_the_logits, decoder_of, output_head
+from qseg.losses import fused_linear_loss, loss_kind, normalize_losses, transform_logits
+from qseg.models import check_head_gives_the_logits, decoder_of, logit_options, output_head
 
 # Arguments of a causal LM's forward that only concern its logits or its cache: the
 # decoder alone does not take them.
@@ -241,7 +241,7 @@ def _loss_and_stats(
     with_stats: bool,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
     """The mixture on the hidden states (B, T, d) and the labels shifted left."""
-    head = output_head(model)
+    head, options = output_head(model), logit_options(model.config)
     labels = labels.to(hidden.device)
     next_labels = nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
     scored = int((next_labels != IGNORE_INDEX).sum())
@@ -268,6 +268,7 @@ def _loss_and_stats(
             losses,
             chunk_size=state.chunk_size,
             chunk_memory=state.chunk_memory,
+            **options,
         )
         parts.append(part)
     loss = sum(parts[1:], parts[0])
@@ -280,8 +281,9 @@ def _loss_and_stats(
             )
         # Token-wise terms: sum / scored * scored / total = sum / total, exactly.
         loss = loss * (scored / total)
-    stats = token_stats(hidden, head, next_labels, state.chunk_size) if with_stats else None
-    return loss, stats
+    if not with_stats:
+        return loss, None
+    return loss, token_stats(hidden, head, next_labels, state.chunk_size, options)
 
 
 def _count(num_items: Any) -> int | None:
@@ -292,7 +294,11 @@ def _count(num_items: Any) -> int | None:
 
 @torch.no_grad()
 def token_stats(
-    hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor, chunk_size: int | str = "auto"
+    hidden: torch.Tensor,
+    head: nn.Module,
+    labels: torch.Tensor,
+    chunk_size: int | str = "auto",
+    options: dict | None = None,
 ) -> dict[str, torch.Tensor]:
     """Each scored token's predictive entropy and whether its label is the argmax, computed
     chunk by chunk from the hidden states and the head, without gradient.
@@ -303,6 +309,7 @@ def token_stats(
         labels: (B, T) labels aligned with `hidden`, IGNORE_INDEX where not scored.
         chunk_size: rows per chunk, or "auto" (as many rows as hold about 64 MiB of
             float32 logits).
+        options: the model's `logit_options` (soft-cap, scale), or None.
 
     Returns:
         {"entropy": (B, T) float32, "is_top1": (B, T) bool, "label_mask": (B, T) bool},
@@ -318,7 +325,7 @@ def token_stats(
     flat_entropy, flat_top1 = entropy.view(-1), is_top1.view(-1)
     for start in range(0, index.numel(), rows):
         chunk = index[start : start + rows]
-        logits = head(flat_hidden[chunk]).float()
+        logits = transform_logits(head(flat_hidden[chunk]).float(), **(options or {}))
         logp = logits.log_softmax(dim=-1)
         flat_entropy[chunk] = -(logp.exp() * logp).sum(dim=-1)
         flat_top1[chunk] = logits.argmax(dim=-1) == flat_labels[chunk]

@@ -8,14 +8,49 @@ import torch
 import torch.nn.functional as F
 
 
-def reference_loss(logits, labels, losses, ignore_index=-100):
-    """Σ weight · loss for a normalized mixture {name: {"weight": w, **params}}."""
+def reference_loss(
+    logits,
+    labels,
+    losses,
+    ignore_index=-100,
+    *,
+    softcap=None,
+    scale=None,
+    reduction="mean",
+    token_weights=None,
+):
+    """Σ weight · loss for a normalized mixture {name: {"weight": w, **params}}.
+
+    The logits are first multiplied by `scale` and capped to softcap·tanh(z / softcap).
+    Token-wise terms are per valid token, times `token_weights` (labels' shape) there;
+    region terms per group (sample, or the batch for lovasz per_sample=False). "mean" and
+    "sum" reduce each over its tokens or groups; "none" returns token-wise terms in the
+    labels' shape (0 where ignored) or region terms per sample (0 for empty ones).
+    """
     logits = logits.double()
-    total = logits.new_zeros(())
+    if scale is not None:
+        logits = logits * scale
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    valid = labels != ignore_index
+    total = None
     for name, params in losses.items():
         params = dict(params)
         weight = params.pop("weight")
-        total = total + weight * LOSSES[name](logits, labels, ignore_index, **params)
+        terms = LOSSES[name](logits, labels, ignore_index, **params)
+        if name in TOKEN_WISE:
+            if token_weights is not None:
+                terms = terms * token_weights.double()[valid]
+            if reduction == "none":
+                terms = torch.zeros(labels.shape, dtype=terms.dtype).masked_scatter(valid, terms)
+        elif reduction == "none":
+            has_valid = valid.reshape(labels.shape[0], -1).any(1)
+            terms = torch.zeros(labels.shape[0], dtype=terms.dtype).masked_scatter(has_valid, terms)
+        if reduction == "mean":
+            terms = terms.mean()
+        elif reduction == "sum":
+            terms = terms.sum()
+        total = weight * terms if total is None else total + weight * terms
     return total
 
 
@@ -25,19 +60,27 @@ def _valid_label_probs(logits, labels, ignore_index):
     return probs.gather(1, labels[valid][:, None]).squeeze(1)
 
 
-def cross_entropy(logits, labels, ignore_index):
-    return (-_valid_label_probs(logits, labels, ignore_index).log()).mean()
+def cross_entropy(logits, labels, ignore_index, label_smoothing=0.0):
+    valid = labels != ignore_index
+    logp = logits[valid].log_softmax(-1)
+    nll = -logp.gather(1, labels[valid][:, None]).squeeze(1)
+    return (1 - label_smoothing) * nll - label_smoothing * logp.mean(-1)
+
+
+def z_loss(logits, labels, ignore_index):
+    valid = labels != ignore_index
+    return torch.logsumexp(logits[valid], dim=-1) ** 2
 
 
 def focal(logits, labels, ignore_index, gamma):
     p = _valid_label_probs(logits, labels, ignore_index)
-    return (-((1 - p) ** gamma) * p.log()).mean()
+    return -((1 - p) ** gamma) * p.log()
 
 
 def self_adjusting_dice(logits, labels, ignore_index, alpha, gamma):
     p = _valid_label_probs(logits, labels, ignore_index)
     q = (1 - p) ** alpha * p
-    return (1 - (2 * q + gamma) / (q + 1 + gamma)).mean()
+    return 1 - (2 * q + gamma) / (q + 1 + gamma)
 
 
 def _samples(logits, labels, ignore_index):
@@ -62,7 +105,7 @@ def generalized_dice(logits, labels, ignore_index, smooth, absent_weight):
         numer = (w * overlap).sum() + smooth
         denom = (w * (soft + n)).sum() + smooth
         losses.append(1 - 2 * numer / denom)
-    return torch.stack(losses).mean()
+    return torch.stack(losses)
 
 
 def tversky(logits, labels, ignore_index, alpha, beta, smooth):
@@ -74,7 +117,7 @@ def tversky(logits, labels, ignore_index, alpha, beta, smooth):
         fn = ((1 - probs) * onehot).sum(0)
         index = (tp + smooth) / (tp + alpha * fp + beta * fn + smooth)
         losses.append(1 - index[present].mean())
-    return torch.stack(losses).mean()
+    return torch.stack(losses)
 
 
 def dice(logits, labels, ignore_index, smooth):
@@ -106,13 +149,13 @@ def _lovasz_group(probs, targets):
 def lovasz(logits, labels, ignore_index, per_sample):
     if not per_sample:
         valid = labels != ignore_index
-        return _lovasz_group(logits[valid].softmax(-1), labels[valid])
+        return _lovasz_group(logits[valid].softmax(-1), labels[valid])[None]
     groups = []
     for b in range(labels.shape[0]):
         valid = labels[b] != ignore_index
         if valid.any():
             groups.append(_lovasz_group(logits[b][valid].softmax(-1), labels[b][valid]))
-    return torch.stack(groups).mean()
+    return torch.stack(groups)
 
 
 LOSSES = {
@@ -124,4 +167,6 @@ LOSSES = {
     "dice": dice,
     "jaccard": jaccard,
     "lovasz": lovasz,
+    "z_loss": z_loss,
 }
+TOKEN_WISE = ("cross_entropy", "focal", "self_adjusting_dice", "z_loss")

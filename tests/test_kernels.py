@@ -16,7 +16,7 @@ import torch
 
 pytest.importorskip("triton", reason="the kernels need the triton package")
 
-from qseg.losses.functional import weighted_token_loss  # noqa: E402
+from qseg.losses.functional import TokenInputs, weighted_token_loss  # noqa: E402
 from qseg.losses.kernels import (  # noqa: E402
     TokenTerms,
     row_logsumexp,
@@ -174,7 +174,7 @@ def test_token_pass_where_the_label_is_certain_matches_the_torch_pass():
         z = raw.cpu().clone().requires_grad_()
         valid = labels.cpu() != IGNORE
         logp = z.log_softmax(1)[valid].gather(1, labels.cpu()[valid][:, None]).squeeze(1)
-        expected = weighted_token_loss(mixture)(logp)
+        expected = weighted_token_loss(mixture)(TokenInputs(logp, None, None))
         expected.sum().backward()
         assert torch.isfinite(loss).all() and torch.isfinite(buffer).all()
         torch.testing.assert_close(loss.cpu()[valid], expected.detach(), rtol=1e-5, atol=1e-6)

@@ -351,7 +351,9 @@ def test_fused_linear_loss_module_checks_its_options_when_built():
         FusedLinearLoss("ce", chunksize=64)
     with pytest.raises(ValueError, match="chunk_size must be a positive int"):
         FusedLinearLoss("ce", chunk_size=0)
-    with pytest.raises(ValueError, match="bias, num_tokens and num_samples go to forward"):
+    with pytest.raises(
+        ValueError, match="bias, num_tokens, num_samples and token_weights go to forward"
+    ):
         FusedLinearLoss("ce", bias=torch.zeros(V))
 
 
@@ -373,7 +375,9 @@ def test_aliases_resolve_to_canonical_names():
         "dice",
         "jaccard",
         "lovasz",
+        "z_loss",
     ]
+    assert normalize_losses("zloss") == {"z_loss": {"weight": 1.0}}
     mixture = normalize_losses({"ce": 1, "gdice": 2, "iou": 3, "self_adj_dice": 4})
     assert list(mixture) == ["cross_entropy", "generalized_dice", "jaccard", "self_adjusting_dice"]
     assert mixture["generalized_dice"] == {"weight": 2.0, "smooth": 1e-5, "absent_weight": "max"}

@@ -13,6 +13,8 @@ import torch
 import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import (
+    CohereConfig,
+    CohereForCausalLM,
     Gemma2Config,
     Gemma2ForCausalLM,
     GraniteConfig,
@@ -32,6 +34,7 @@ from qseg.models import (
     describe,
     gguf_cache_dir,
     load_model,
+    logit_options,
     output_head,
 )
 
@@ -163,16 +166,39 @@ TINY = dict(
 
 
 @pytest.mark.parametrize(
-    "make",
+    ("make", "options"),
     [
-        lambda: Gemma2ForCausalLM(Gemma2Config(**TINY, final_logit_softcapping=1.0)),
-        lambda: GraniteForCausalLM(GraniteConfig(**TINY, logits_scaling=4.0)),
+        (
+            lambda: Gemma2ForCausalLM(Gemma2Config(**TINY, final_logit_softcapping=1.0)),
+            {"logit_softcap": 1.0},
+        ),
+        (
+            lambda: GraniteForCausalLM(GraniteConfig(**TINY, logits_scaling=4.0)),
+            {"logit_scale": 0.25},
+        ),
+        (
+            lambda: CohereForCausalLM(CohereConfig(**TINY, logit_scale=0.5)),
+            {"logit_scale": 0.5},
+        ),
     ],
-    ids=["gemma2-softcap", "granite-scaling"],
+    ids=["gemma2-softcap", "granite-scaling", "cohere-scale"],
 )
-def test_models_that_transform_their_logits_are_refused(make):
-    with pytest.raises(ValueError, match="soft-caps or scales its logits"):
-        check_head_gives_the_logits(make())
+def test_models_that_declare_their_logit_transform_pass(make, options):
+    model = make()
+    assert logit_options(model.config) == options
+    check_head_gives_the_logits(model)
+
+
+def test_a_model_that_transforms_its_logits_undeclared_is_refused():
+    model = Gemma2ForCausalLM(Gemma2Config(**TINY, final_logit_softcapping=None))
+
+    def doubled(module, args, output):
+        output.logits = output.logits * 2
+        return output
+
+    model.register_forward_hook(doubled)
+    with pytest.raises(ValueError, match=r"even with the logit options its config declares"):
+        check_head_gives_the_logits(model)
 
 
 def test_models_whose_logits_are_the_head_of_the_hidden_states_pass(tiny_folder):

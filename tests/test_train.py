@@ -19,8 +19,8 @@ from conftest import make_byte_tokenizer
 from peft import PeftModel
 from transformers import (
     AutoModelForCausalLM,
-    GraniteConfig,
-    GraniteForCausalLM,
+    Gemma2Config,
+    Gemma2ForCausalLM,
     TrainingArguments,
 )
 
@@ -347,19 +347,25 @@ def test_overwrite_retrains_through_a_linked_output_dir(tiny_run, tmp_path):
     assert foreign_files(link) == []
 
 
-def test_a_model_that_scales_its_logits_is_refused_before_training(tmp_path, capsys):
-    folder, out = tmp_path / "granite", tmp_path / "out"
+def test_a_model_that_soft_caps_its_logits_trains(tmp_path):
+    """Gemma 2 soft-caps its logits; qseg reads the cap from its config and trains it."""
+    folder, out = tmp_path / "gemma2", tmp_path / "out"
     tokenizer = make_byte_tokenizer()
-    config = GraniteConfig(
+    config = Gemma2Config(
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-        num_attention_heads=4, num_key_value_heads=2, logits_scaling=4.0,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, final_logit_softcapping=2.0,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2,
     )  # fmt: skip
-    GraniteForCausalLM(config).save_pretrained(folder)
+    Gemma2ForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    argv = ["train", "--model", str(folder), "--output-dir", str(out), "--quantization", "none"]
-    assert main(argv) == 2
-    assert "soft-caps or scales its logits" in capsys.readouterr().err
-    assert not out.exists()
+    argv = [
+        "train", "--model", str(folder), "--output-dir", str(out), "--quantization", "none",
+        "--max-steps", "2", "--batch-size", "2", "--max-length", str(MAX_LENGTH),
+        "--eval-samples", "0", "--loss", "cross_entropy:0.6,lovasz:0.4",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    record = json.loads((out / "run.json").read_text())
+    assert record["steps"] == 2 and all(math.isfinite(x) for x in record["losses"])
 
 
 def test_resume_of_a_finished_run_asks_for_more_steps(tiny_run):

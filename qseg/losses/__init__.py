@@ -12,6 +12,7 @@ from .autotune import ChunkPlan, default_budget, plan_chunks
 from .logits import loss_from_logits
 from .observe import observe_chunks
 from .registry import available_losses, canonical_name, loss_kind, normalize_losses
+from .transform import transform_logits
 
 __all__ = [
     "ChunkPlan",
@@ -25,4 +26,5 @@ __all__ = [
     "normalize_losses",
     "observe_chunks",
     "plan_chunks",
+    "transform_logits",
 ]

@@ -8,8 +8,6 @@ obtained differs: chunk by chunk from the head, or from logits the caller alread
 
 from __future__ import annotations
 
-import numbers
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -18,126 +16,11 @@ from torch import Tensor, nn
 from . import engine, functional, kernels, passes
 from .autotune import plan_chunks
 from .head import head_weight_shape, linear_parts
+from .inputs import REDUCTIONS, ValidTokens, check_options, check_shapes, is_int, normalizers
+from .mixture import class_stats, combine, empty_shape, zero_loss
 from .registry import normalize_losses, split_by_kind
-
-
-@dataclass
-class ValidTokens:
-    """The positions that take part in the loss, flattened.
-
-    Attributes:
-        index: (n,) positions in the flattened (B·T) input.
-        labels: (n,) their labels.
-        sample: (n,) their sample, renumbered 0..S-1 over samples with a valid token.
-        num_samples: S.
-    """
-
-    index: Tensor
-    labels: Tensor
-    sample: Tensor
-    num_samples: int
-
-    @classmethod
-    def select(cls, labels: Tensor, vocab: int, ignore_index: int) -> ValidTokens:
-        if not _is_int(ignore_index):
-            raise ValueError(f"ignore_index must be an int (default -100); got {ignore_index!r}")
-        if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
-            raise ValueError(f"labels must be an integer tensor (torch.long); got {labels.dtype}")
-        per_sample = labels.flatten(1) if labels.dim() > 1 else labels[None]
-        flat = per_sample.reshape(-1)
-        index = (flat != ignore_index).nonzero().squeeze(1)
-        valid = flat[index]
-        bad = (valid < 0) | (valid >= vocab)
-        if bad.any():
-            raise ValueError(
-                f"labels must be in [0, {vocab}) (the vocabulary size) or ignore_index="
-                f"{ignore_index}; found {valid[bad][0].item()}"
-            )
-        samples, sample = torch.unique(index // per_sample.shape[1], return_inverse=True)
-        return cls(index, valid.long(), sample, samples.numel())
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _check_shapes(features: Tensor, labels: Tensor, what: str) -> None:
-    for name, value in ((what, features), ("labels", labels)):
-        if not isinstance(value, Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor; got {type(value).__name__}")
-    if not features.is_floating_point():
-        raise ValueError(f"{what} must be a floating-point tensor; got {features.dtype}")
-    if features.dim() < 2 or features.shape[:-1] != labels.shape:
-        raise ValueError(
-            f"{what} of shape {tuple(features.shape)} does not line up with labels of shape "
-            f"{tuple(labels.shape)}: expected {what} (*labels.shape, {what[0]}) with labels "
-            f"(B, T) already aligned (no shift happens inside)"
-        )
-
-
-def _normalizers(
-    num_tokens: Any, num_samples: Any, tokens: ValidTokens
-) -> tuple[int | None, int | None]:
-    """`num_tokens` and `num_samples` checked: they count the whole accumulated batch
-    (across processes too), so at least this batch's valid tokens and samples."""
-    samples = "samples with a valid token"
-    return (
-        _checked_count("num_tokens", num_tokens, tokens.index.numel(), "valid tokens"),
-        _checked_count("num_samples", num_samples, tokens.num_samples, samples),
-    )
-
-
-def _checked_count(name: str, value: Any, here: int, what: str) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, Tensor) and value.numel() == 1 and not value.is_floating_point():
-        value = value.item()
-    if not _is_int(value) or value < here:
-        raise ValueError(
-            f"{name} must be None or an int at least the {here} {what} here (it counts those "
-            f"of the whole accumulated batch); got {value!r}"
-        )
-    return int(value)
-
-
-def _mixture_loss(
-    mixture: dict[str, dict[str, Any]],
-    tokens: ValidTokens,
-    label_logp: Tensor,
-    stats: functional.ClassStats | None,
-    num_tokens: int | None,
-    num_samples: int | None,
-) -> Tensor:
-    """Σ weight · loss from the small inputs; the normalizers default to this batch's."""
-    token_part, region_part = split_by_kind(mixture)
-    loss = label_logp.new_zeros(())
-    if token_part:
-        per_token = functional.weighted_token_loss(token_part)
-        count = label_logp.shape[0] if num_tokens is None else num_tokens
-        loss = loss + per_token(label_logp).sum() / count
-    if region_part:
-        share = 1.0 if num_samples is None else tokens.num_samples / num_samples
-        loss = loss + functional.region_loss(region_part, stats, share)
-    return loss
-
-
-def _zero_loss(*inputs: Tensor | None) -> Tensor:
-    """0, connected to every input that requires grad, so backward gives zero gradients."""
-    dtype = engine.accumulation_dtype(*inputs)
-    zero = torch.zeros((), dtype=dtype, device=inputs[0].device)
-    for t in inputs:
-        if t is not None and t.requires_grad:
-            zero = zero + t.reshape(-1)[:0].sum().to(dtype)
-    return zero
-
-
-def _class_stats(
-    logp: Tensor, target: Tensor, tokens: ValidTokens, with_rest: bool
-) -> functional.ClassStats:
-    """From (n, k) column log-probabilities, plus the rest's as column k `with_rest`."""
-    k = logp.shape[1] - with_rest
-    rest = logp[:, k] if with_rest else None
-    return functional.ClassStats(logp[:, :k], target, tokens.sample, tokens.num_samples, rest)
+from .stats import TokenStats
+from .transform import LogitTransform
 
 
 def fused_linear_loss(
@@ -152,8 +35,13 @@ def fused_linear_loss(
     ignore_index: int = -100,
     num_tokens: int | None = None,
     num_samples: int | None = None,
+    logit_softcap: float | None = None,
+    logit_scale: float | None = None,
+    reduction: str = "mean",
+    token_weights: Tensor | None = None,
+    return_stats: bool = False,
     impl: str = "auto",
-) -> Tensor:
+) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
     """A loss mixture from hidden states and the output head, never holding full logits.
 
     Args:
@@ -173,18 +61,35 @@ def fused_linear_loss(
             so at least that number.
         num_samples: scale region terms by (samples here) / num_samples (likewise: the
             samples with a valid token of the whole batch).
-        impl: how each chunk's pass over its logits runs: "triton", as fused Triton
-            kernels (one launch per chunk); "torch", as torch operations; "auto", torch
-            unless `QSEG_TRITON=1` asks for the kernels (`kernels.uses_triton`).
+        logit_softcap: c > 0: the logits are c·tanh(z / c), as Gemma 2 caps them.
+        logit_scale: s > 0: the logits are s·(h Wᵀ + b), before any cap (Cohere's
+            logit_scale; Granite's is 1 / logits_scaling).
+        reduction: "mean" (as described above), "sum" (token-wise terms summed, region
+            terms summed over groups) or "none" (see Returns).
+        token_weights: (B, T) finite weights >= 0, token-wise terms only: each
+            position's term is multiplied by its weight; the mean still divides by the
+            number of scored tokens.
+        return_stats: also return the scored tokens' statistics (see Returns).
+        impl: how each chunk's pass over its logits runs: "torch", as torch operations;
+            "triton", as fused Triton kernels (one launch per chunk) where the options
+            are the plain ones (no logit transform, smoothing, z-loss, token weights or
+            stats; torch otherwise); "auto", torch unless `QSEG_TRITON=1` asks for the
+            kernels (`kernels.uses_triton`).
 
     Returns:
-        A 0-dim tensor, float32 (float64 for float64 inputs).
+        A 0-dim tensor, float32 (float64 for float64 inputs). With reduction "none":
+        token-wise terms per position (labels' shape, 0 where ignored), or region terms
+        per sample (B,) (0 for a sample without a valid token). With `return_stats`,
+        (loss, stats), stats 0-dim tensors without gradient: "tokens" (scored), "correct"
+        (scored tokens whose label is their row's argmax), "entropy" (their mean
+        predictive entropy, in nats).
     """
-    mixture = normalize_losses(losses)
     if impl not in kernels.IMPLS:
         raise ValueError(f"impl must be one of {kernels.IMPLS}; got {impl!r}")
+    mixture = normalize_losses(losses)
+    transform = LogitTransform.checked(logit_softcap, logit_scale)
     vocab, dim = head_weight_shape(weight)
-    _check_shapes(hidden, labels, "hidden")
+    check_shapes(hidden, labels, "hidden")
     if hidden.shape[-1] != dim:
         raise ValueError(f"hidden size {hidden.shape[-1]} does not match the head's d={dim}")
     if bias is not None and (
@@ -192,34 +97,44 @@ def fused_linear_loss(
     ):
         got = f"{bias.dtype} {tuple(bias.shape)}" if isinstance(bias, Tensor) else type(bias)
         raise ValueError(f"bias must be a floating-point tensor of shape ({vocab},); got {got}")
+    check_options(mixture, reduction, token_weights, labels, num_tokens, num_samples)
     tokens = ValidTokens.select(labels, vocab, ignore_index)
-    num_tokens, num_samples = _normalizers(num_tokens, num_samples, tokens)
+    num_tokens, num_samples = normalizers(num_tokens, num_samples, tokens)
     if tokens.index.numel() == 0:
         head = weight.parameters() if isinstance(weight, nn.Module) else [weight]
-        return _zero_loss(hidden, bias, *head)
+        loss = zero_loss(empty_shape(mixture, reduction, labels), hidden, bias, *head)
+        stats = TokenStats(tokens.labels, loss.dtype) if return_stats else None
+        return (loss, stats.summary()) if return_stats else loss
     # The engine gathers each chunk's scored rows itself: no (n, d) copy of the hidden
     # states, and their gradient is written straight into the (B·T, d) result.
     h = hidden.reshape(-1, dim)
     index = None if tokens.index.numel() == h.shape[0] else tokens.index
     hiddens, weights, bias = _head_parts(weight, h, bias)
-    rows = _chunk_rows(chunk_size, chunk_memory, mixture, tokens, h, vocab, weights, bias)
+    plain = len(weights) == 1 and bias is None and transform.is_identity
+    rows = _chunk_rows(chunk_size, chunk_memory, mixture, tokens, h, vocab, weights[0], plain)
     dtype = engine.accumulation_dtype(*hiddens, *weights, bias)
     bias = bias.to(dtype) if bias is not None else None
-    use_triton = kernels.uses_triton(impl, hidden.device, dtype)
+    needs_lse, needs_mean = functional.token_needs(split_by_kind(mixture)[0])
+    use_triton = (
+        kernels.uses_triton(impl, hidden.device, dtype)
+        and not (needs_lse or needs_mean or token_weights is not None or return_stats)
+        and transform.is_identity
+    )
+    options = passes.PassOptions(
+        transform,
+        needs_lse,
+        needs_mean,
+        None if token_weights is None else token_weights.reshape(-1)[tokens.index].to(dtype),
+        TokenStats(tokens.labels, dtype) if return_stats else None,
+        use_triton,
+    )
     # The engine and the mixture manage their own precision; autocast would recast them.
     with torch.autocast(hidden.device.type, enabled=False):
-        return _fused_mixture(
-            mixture,
-            tokens,
-            rows,
-            hiddens,
-            weights,
-            bias,
-            index,
-            num_tokens,
-            num_samples,
-            use_triton,
-        )
+        loss = _fused_mixture(
+            mixture, tokens, rows, hiddens, weights, bias, index, options, reduction,
+            (num_tokens, num_samples), labels.shape,
+        )  # fmt: skip
+    return (loss, options.stats.summary()) if return_stats else loss
 
 
 def _head_parts(
@@ -250,28 +165,36 @@ def _fused_mixture(
     weights: list[Tensor],
     bias: Tensor | None,
     index: Tensor | None,
-    num_tokens: int | None,
-    num_samples: int | None,
-    use_triton: bool = False,
+    options: passes.PassOptions,
+    reduction: str,
+    counts: tuple[int | None, int | None],
+    labels_shape: torch.Size,
 ) -> Tensor:
-    """The mixture through the engine: one fused pass, or column log-probs and functional."""
+    """The mixture through the engine: one fused pass when the result is a sum over
+    tokens, else column log-probs (and lse, mean logit) and `combine`."""
     token_part, region_part = split_by_kind(mixture)
-    if not region_part:
-        if use_triton and kernels.TokenTerms.supports(token_part):
+    num_tokens, num_samples = counts
+    if not region_part and reduction != "none":
+        if options.use_triton and kernels.TokenTerms.supports(token_part):
             per_token = kernels.TokenTerms.from_losses(token_part)
         else:
             per_token = functional.weighted_token_loss(token_part)
-        scale = 1 / (tokens.labels.shape[0] if num_tokens is None else num_tokens)
+        count = tokens.labels.shape[0] if num_tokens is None else num_tokens
+        scale = 1 / count if reduction == "mean" else 1.0
         return passes.token_loss(
-            tokens.labels, per_token, scale, rows, hiddens, weights, bias, index
+            tokens.labels, per_token, scale, rows, hiddens, weights, bias, index, options
         )
     classes, target = torch.unique(tokens.labels, return_inverse=True)
     with_rest = functional.needs_rest(region_part)
-    logp = passes.column_log_probs(
-        classes, rows, hiddens, weights, bias, index, with_rest, use_triton
-    )
-    stats = _class_stats(logp, target, tokens, with_rest)
-    return _mixture_loss(mixture, tokens, stats.label_logp(), stats, num_tokens, num_samples)
+    logp = passes.column_log_probs(classes, rows, hiddens, weights, bias, index, with_rest, options)
+    k = classes.shape[0] + with_rest
+    stats = class_stats(logp[:, :k], target, tokens, with_rest)
+    lse, mean = (logp[:, k], logp[:, k + 1]) if options.needs_lse else (None, None)
+    inputs = functional.TokenInputs(stats.label_logp(), lse, mean)
+    return combine(
+        mixture, tokens, inputs, stats, reduction, options.token_weights,
+        num_tokens, num_samples, labels_shape,
+    )  # fmt: skip
 
 
 def _chunk_rows(
@@ -281,23 +204,24 @@ def _chunk_rows(
     tokens: ValidTokens,
     h: Tensor,
     vocab: int,
-    weights: list[Tensor],
-    bias: Tensor | None,
+    weight: Tensor,
+    plain_head: bool,
 ) -> int:
     """Rows per chunk: `chunk_size` checked, or the tuner's pick for the (N, d) hidden
-    states `h` and the head's parts (`weights`, `bias`) as the engine will multiply them."""
+    states `h` and the head's first part `weight` as the engine will multiply it;
+    `plain_head`: one part, no bias, untransformed logits (see `plan_chunks`)."""
     chunk_size = _checked_chunk_size(chunk_size)
     if chunk_size == "auto":
         plan = plan_chunks(
             tokens.index.numel(),
             vocab,
             h.shape[1],
-            weights[0].dtype,
+            weight.dtype,
             mixture,
-            device=weights[0].device,
+            device=weight.device,
             chunk_memory=chunk_memory,
             positions=h.shape[0],
-            plain_head=len(weights) == 1 and bias is None,
+            plain_head=plain_head,
         )
         return plan.rows
     return chunk_size
@@ -306,7 +230,7 @@ def _chunk_rows(
 def _checked_chunk_size(chunk_size: Any) -> int | str:
     if chunk_size == "auto":
         return chunk_size
-    if not _is_int(chunk_size) or chunk_size < 1:
+    if not is_int(chunk_size) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int or 'auto'; got {chunk_size!r}")
     return int(chunk_size)
 
@@ -321,7 +245,16 @@ class FusedLinearLoss(nn.Module):
 
     # Options fixed at construction. The normalizers change per step and a bias belongs to
     # the model (its parameter, moved and saved with it), so forward takes them.
-    OPTIONS = ("chunk_size", "chunk_memory", "ignore_index", "impl")
+    OPTIONS = (
+        "chunk_size",
+        "chunk_memory",
+        "ignore_index",
+        "logit_softcap",
+        "logit_scale",
+        "reduction",
+        "return_stats",
+        "impl",
+    )
 
     def __init__(self, losses: str | dict, **options: Any):
         super().__init__()
@@ -330,12 +263,17 @@ class FusedLinearLoss(nn.Module):
         if unknown:
             raise ValueError(
                 f"unknown FusedLinearLoss option(s) {unknown}; allowed: {list(self.OPTIONS)} "
-                "(bias, num_tokens and num_samples go to forward)"
+                "(bias, num_tokens, num_samples and token_weights go to forward)"
             )
         if "chunk_size" in options:
             _checked_chunk_size(options["chunk_size"])
+        LogitTransform.checked(options.get("logit_softcap"), options.get("logit_scale"))
         if options.get("impl", "auto") not in kernels.IMPLS:
             raise ValueError(f"impl must be one of {kernels.IMPLS}; got {options['impl']!r}")
+        if options.get("reduction", "mean") not in REDUCTIONS:
+            raise ValueError(
+                f"reduction must be one of {', '.join(REDUCTIONS)}; got {options['reduction']!r}"
+            )
         self.options = options
 
     def forward(
@@ -347,9 +285,11 @@ class FusedLinearLoss(nn.Module):
         bias: Tensor | None = None,
         num_tokens: int | None = None,
         num_samples: int | None = None,
-    ) -> Tensor:
-        """hidden (B, T, d), head (see `fused_linear_loss`), labels (B, T) -> 0-dim loss;
-        `bias` (V,) only with a weight tensor as the head."""
+        token_weights: Tensor | None = None,
+    ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
+        """hidden (B, T, d), head (see `fused_linear_loss`), labels (B, T) -> the loss
+        (0-dim unless reduction="none"; with return_stats, (loss, stats)); `bias` (V,)
+        only with a weight tensor as the head; `token_weights` (B, T)."""
         return fused_linear_loss(
             hidden,
             head,
@@ -358,6 +298,7 @@ class FusedLinearLoss(nn.Module):
             bias=bias,
             num_tokens=num_tokens,
             num_samples=num_samples,
+            token_weights=token_weights,
             **self.options,
         )
 

@@ -21,23 +21,50 @@ import torch
 from torch import Tensor
 
 # --------------------------------------------------------------------------- token-wise
-# Each maps logp (n,), the log-probability of every valid token's label, to (n,) losses.
 
 
-def cross_entropy(logp: Tensor) -> Tensor:
-    """−log p_t."""
-    return -logp
+@dataclass
+class TokenInputs:
+    """What token-wise losses see of each valid token t: its label's log-probability and,
+    where a term needs them (`token_needs`), its row's log-sum-exp and mean logit.
+
+    Attributes:
+        logp: (n,) log p_t(y_t).
+        lse: (n,) log Σ_v exp(z_tv), or None.
+        mean_logit: (n,) Σ_v z_tv / V, or None.
+    """
+
+    logp: Tensor
+    lse: Tensor | None = None
+    mean_logit: Tensor | None = None
 
 
-def focal(logp: Tensor, gamma: float) -> Tensor:
+# Each maps TokenInputs of n tokens to (n,) losses.
+
+
+def cross_entropy(t: TokenInputs, label_smoothing: float = 0.0) -> Tensor:
+    """(1 − ε)·(−log p_t) + ε·(−mean_v log p_tv), as torch's cross_entropy defines
+    label smoothing over the whole vocabulary; −mean_v log p_tv = lse_t − mean_v z_tv."""
+    nll = -t.logp
+    if not label_smoothing:
+        return nll
+    return (1 - label_smoothing) * nll + label_smoothing * (t.lse - t.mean_logit)
+
+
+def focal(t: TokenInputs, gamma: float) -> Tensor:
     """−(1 − p_t)^γ · log p_t (Lin et al. 2017)."""
-    return -torch.pow(_one_minus(logp), gamma) * logp
+    return -torch.pow(_one_minus(t.logp), gamma) * t.logp
 
 
-def self_adjusting_dice(logp: Tensor, alpha: float, gamma: float) -> Tensor:
+def self_adjusting_dice(t: TokenInputs, alpha: float, gamma: float) -> Tensor:
     """1 − (2q + γ) / (q + 1 + γ) with q = (1 − p_t)^α · p_t (Li et al. 2020)."""
-    q = torch.pow(_one_minus(logp), alpha) * logp.exp()
+    q = torch.pow(_one_minus(t.logp), alpha) * t.logp.exp()
     return 1 - (2 * q + gamma) / (q + 1 + gamma)
+
+
+def z_loss(t: TokenInputs) -> Tensor:
+    """lse_t², which keeps the log-partition near 0 (PaLM's auxiliary loss)."""
+    return t.lse.square()
 
 
 def _one_minus(logp: Tensor) -> Tensor:
@@ -52,17 +79,24 @@ TOKEN_LOSSES: dict[str, Callable[..., Tensor]] = {
     "cross_entropy": cross_entropy,
     "focal": focal,
     "self_adjusting_dice": self_adjusting_dice,
+    "z_loss": z_loss,
 }
 
 
-def weighted_token_loss(mixture: dict[str, dict[str, Any]]) -> Callable[[Tensor], Tensor]:
-    """The per-token loss Σ_i w_i · f_i(logp) of the token-wise part of a mixture."""
+def token_needs(mixture: dict[str, dict[str, Any]]) -> tuple[bool, bool]:
+    """Whether the token-wise terms need (lse, mean_logit) in `TokenInputs`."""
+    smoothing = mixture.get("cross_entropy", {}).get("label_smoothing", 0.0) > 0
+    return smoothing or "z_loss" in mixture, smoothing
 
-    def per_token(logp: Tensor) -> Tensor:
-        total = torch.zeros_like(logp)
+
+def weighted_token_loss(mixture: dict[str, dict[str, Any]]) -> Callable[[TokenInputs], Tensor]:
+    """The per-token loss Σ_i w_i · f_i(t) of the token-wise part of a mixture."""
+
+    def per_token(t: TokenInputs) -> Tensor:
+        total = torch.zeros_like(t.logp)
         for name, params in mixture.items():
             kwargs = {k: v for k, v in params.items() if k != "weight"}
-            total = total + params["weight"] * TOKEN_LOSSES[name](logp, **kwargs)
+            total = total + params["weight"] * TOKEN_LOSSES[name](t, **kwargs)
         return total
 
     return per_token
@@ -314,11 +348,18 @@ REGION_LOSSES: dict[str, Callable[..., Tensor]] = {
 
 
 def region_loss(
-    mixture: dict[str, dict[str, Any]], stats: ClassStats, sample_share: float = 1.0
+    mixture: dict[str, dict[str, Any]],
+    stats: ClassStats,
+    sample_share: float = 1.0,
+    reduction: str = "mean",
 ) -> Tensor:
-    """Σ_i w_i · mean over groups of the region part of a mixture, times `sample_share`."""
-    total = stats.logp.new_zeros(())
+    """Σ_i w_i · (mean or sum over groups) of the region part of a mixture, times
+    `sample_share`; with reduction "none", (S,) the per-sample sums (groups are samples)."""
+    total = stats.logp.new_zeros(stats.num_samples if reduction == "none" else ())
     for name, params in mixture.items():
         kwargs = {k: v for k, v in params.items() if k != "weight"}
-        total = total + params["weight"] * REGION_LOSSES[name](stats, **kwargs).mean()
+        groups = REGION_LOSSES[name](stats, **kwargs)
+        if reduction != "none":
+            groups = groups.sum() if reduction == "sum" else groups.mean()
+        total = total + params["weight"] * groups
     return total * sample_share

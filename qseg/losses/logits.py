@@ -9,8 +9,11 @@ import torch
 from torch import Tensor
 
 from . import engine, functional
-from .api import ValidTokens, _check_shapes, _class_stats, _mixture_loss, _normalizers, _zero_loss
+from .inputs import ValidTokens, check_options, check_shapes, normalizers
+from .mixture import class_stats, combine, empty_shape, zero_loss
 from .registry import normalize_losses, split_by_kind
+from .stats import TokenStats
+from .transform import LogitTransform
 
 
 def loss_from_logits(
@@ -21,43 +24,63 @@ def loss_from_logits(
     ignore_index: int = -100,
     num_tokens: int | None = None,
     num_samples: int | None = None,
-) -> Tensor:
+    logit_softcap: float | None = None,
+    logit_scale: float | None = None,
+    reduction: str = "mean",
+    token_weights: Tensor | None = None,
+    return_stats: bool = False,
+) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
     """The same losses from full logits (B, T, V) the caller already holds.
 
+    `logit_scale` and `logit_softcap` transform the given logits as `fused_linear_loss`
+    transforms the head's product (give them only for raw, untransformed logits).
     Half-precision logits are upcast to float32. See `fused_linear_loss` for the rest.
     """
     losses = normalize_losses(losses)
-    _check_shapes(logits, labels, "logits")
+    transform = LogitTransform.checked(logit_softcap, logit_scale)
+    check_shapes(logits, labels, "logits")
+    check_options(losses, reduction, token_weights, labels, num_tokens, num_samples)
     vocab = logits.shape[-1]
     tokens = ValidTokens.select(labels, vocab, ignore_index)
-    num_tokens, num_samples = _normalizers(num_tokens, num_samples, tokens)
-    if tokens.index.numel() == 0:
-        return _zero_loss(logits)
-    with torch.autocast(logits.device.type, enabled=False):
-        return _losses_from_logits(logits, tokens, losses, num_tokens, num_samples)
-
-
-def _losses_from_logits(
-    logits: Tensor,
-    tokens: ValidTokens,
-    losses: dict[str, dict[str, Any]],
-    num_tokens: int | None,
-    num_samples: int | None,
-) -> Tensor:
-    vocab = logits.shape[-1]
+    num_tokens, num_samples = normalizers(num_tokens, num_samples, tokens)
     dtype = engine.accumulation_dtype(logits)
-    z = logits.reshape(-1, vocab).index_select(0, tokens.index).to(dtype)
+    stats = TokenStats(tokens.labels, dtype) if return_stats else None
+    if tokens.index.numel() == 0:
+        loss = zero_loss(empty_shape(losses, reduction, labels), logits)
+    else:
+        weights = None
+        if token_weights is not None:
+            weights = token_weights.reshape(-1)[tokens.index].to(dtype)
+        with torch.autocast(logits.device.type, enabled=False):
+            z = transform.apply(logits.reshape(-1, vocab).index_select(0, tokens.index).to(dtype))
+            if stats is not None:
+                stats.add(slice(None), z.detach())
+            loss = combine(
+                losses, tokens, *_inputs(z, tokens, losses), reduction, weights,
+                num_tokens, num_samples, labels.shape,
+            )  # fmt: skip
+    return (loss, stats.summary()) if return_stats else loss
+
+
+def _inputs(
+    z: Tensor, tokens: ValidTokens, losses: dict[str, dict[str, Any]]
+) -> tuple[functional.TokenInputs, functional.ClassStats | None]:
+    """The valid rows' (n, V) logits z reduced to what `combine` takes."""
+    token_part, region_part = split_by_kind(losses)
     lse = torch.logsumexp(z, dim=1, keepdim=True)
-    if not split_by_kind(losses)[1]:
+    needs_lse, needs_mean = functional.token_needs(token_part)
+    row_lse = lse.squeeze(1) if needs_lse else None
+    mean = z.mean(1) if needs_mean else None
+    if not region_part:
         label_logp = z.gather(1, tokens.labels[:, None]).squeeze(1) - lse.squeeze(1)
-        return _mixture_loss(losses, tokens, label_logp, None, num_tokens, num_samples)
+        return functional.TokenInputs(label_logp, row_lse, mean), None
     classes, target = torch.unique(tokens.labels, return_inverse=True)
     logp = z.index_select(1, classes) - lse
-    with_rest = functional.needs_rest(losses)
+    with_rest = functional.needs_rest(region_part)
     if with_rest:
         logp = torch.cat([logp, _rest_logsumexp(z, classes) - lse], dim=1)
-    stats = _class_stats(logp, target, tokens, with_rest)
-    return _mixture_loss(losses, tokens, stats.label_logp(), stats, num_tokens, num_samples)
+    stats = class_stats(logp, target, tokens, with_rest)
+    return functional.TokenInputs(stats.label_logp(), row_lse, mean), stats
 
 
 def _rest_logsumexp(z: Tensor, classes: Tensor) -> Tensor:

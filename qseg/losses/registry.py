@@ -20,20 +20,23 @@ LossKind = Literal["token", "region"]
 class LossDef:
     """One loss: its canonical name, kind, parameters with defaults, and aliases.
 
-    Token-wise losses depend on each token's log-probability of its label only;
-    region losses depend on class statistics of a whole sample or batch.
+    Token-wise losses depend on each token's own logits only; region losses depend on
+    class statistics of a whole sample or batch. `optional` parameters appear in a
+    normalized mixture only when they differ from their default, so that the forms
+    saved before they existed stay the canonical ones.
     """
 
     name: str
     kind: LossKind
     defaults: dict[str, Any] = field(default_factory=dict)
     aliases: tuple[str, ...] = ()
+    optional: dict[str, Any] = field(default_factory=dict)
 
 
 LOSSES: dict[str, LossDef] = {
     d.name: d
     for d in (
-        LossDef("cross_entropy", "token", aliases=("ce",)),
+        LossDef("cross_entropy", "token", aliases=("ce",), optional={"label_smoothing": 0.0}),
         LossDef("focal", "token", {"gamma": 2.0}),
         LossDef(
             "self_adjusting_dice",
@@ -51,10 +54,13 @@ LOSSES: dict[str, LossDef] = {
         LossDef("dice", "region", {"smooth": 1e-5}),
         LossDef("jaccard", "region", {"smooth": 1e-5}, aliases=("iou",)),
         LossDef("lovasz", "region", {"per_sample": False}),
+        LossDef("z_loss", "token", aliases=("zloss",)),
     )
 }
 
 ABSENT_WEIGHTS = ("max", "reference", "zero")
+# Parameters that are fractions, with their upper bound.
+AT_MOST_ONE = ("label_smoothing",)
 
 _ALIASES = {alias: d.name for d in LOSSES.values() for alias in (d.name, *d.aliases)}
 
@@ -121,7 +127,8 @@ def _check_weight(name: str, weight: Any) -> float:
 
 
 def _check_params(name: str, params: dict[str, Any]) -> dict[str, Any]:
-    defaults = LOSSES[name].defaults
+    optional = LOSSES[name].optional
+    defaults = {**LOSSES[name].defaults, **optional}
     unknown = sorted(set(params) - set(defaults))
     if unknown:
         allowed = ", ".join(f"{k}={v!r}" for k, v in defaults.items()) or "none"
@@ -129,7 +136,7 @@ def _check_params(name: str, params: dict[str, Any]) -> dict[str, Any]:
             f"unknown parameter(s) {', '.join(unknown)} for loss {name!r}; "
             f"allowed parameters (defaults): weight=1.0, {allowed}"
         )
-    checked = dict(defaults)
+    checked = dict(LOSSES[name].defaults)
     for key, value in params.items():
         default = defaults[key]
         if isinstance(default, bool):
@@ -142,9 +149,12 @@ def _check_params(name: str, params: dict[str, Any]) -> dict[str, Any]:
                 )
         elif not _is_real(value) or not math.isfinite(value) or value < 0:
             raise ValueError(f"{name}.{key} must be a finite number >= 0; got {value!r}")
+        elif key in AT_MOST_ONE and value > 1:
+            raise ValueError(f"{name}.{key} must be in [0, 1]; got {value!r}")
         else:
             value = float(value)
-        checked[key] = value
+        if key not in optional or value != optional[key]:
+            checked[key] = value
     return checked
 
 

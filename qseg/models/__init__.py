@@ -20,6 +20,7 @@ from qseg.models.head import (
     backbone_hidden_states,
     check_head_gives_the_logits,
     decoder_of,
+    logit_options,
     output_head,
 )
 from qseg.models.lora import CHECKPOINTING_KWARGS, DEFAULT_LORA, LoraSettings
@@ -41,6 +42,7 @@ __all__ = [
     "align_special_tokens",
     "backbone_hidden_states",
     "check_head_gives_the_logits",
+    "logit_options",
     "convert_gguf",
     "count_parameters",
     "decoder_of",

@@ -7,10 +7,13 @@ build a (batch, tokens, vocabulary) tensor.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import torch
 from peft import PeftModel
 from torch import nn
+
+from qseg.losses import transform_logits
 
 log = logging.getLogger(__name__)
 
@@ -56,13 +59,39 @@ def decoder_of(model: nn.Module) -> nn.Module:
     return decoder
 
 
+def logit_options(config: Any) -> dict[str, float]:
+    """The `fused_linear_loss` options that turn a model's head product into its logits.
+
+    Gemma 2 and later soft-cap their logits (`final_logit_softcapping`: c·tanh(z / c)),
+    Cohere multiplies them by `logit_scale`, Granite divides them by `logits_scaling`.
+
+    Args:
+        config: the model's transformers config (a multimodal one's text config is read).
+
+    Returns:
+        {"logit_softcap": c, "logit_scale": s}, each only where the config sets it.
+    """
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    options = {}
+    if getattr(config, "final_logit_softcapping", None) is not None:
+        options["logit_softcap"] = float(config.final_logit_softcapping)
+    if getattr(config, "logit_scale", None) is not None:
+        options["logit_scale"] = float(config.logit_scale)
+    if getattr(config, "logits_scaling", None) is not None:
+        options["logit_scale"] = 1.0 / float(config.logits_scaling)
+    return options
+
+
 def check_head_gives_the_logits(model: nn.Module) -> None:
     """Raise ValueError unless `model`'s own logits are its head applied to its last hidden
-    states, which is how qseg's losses compute them (never materialising the logits).
+    states, then scaled and soft-capped as `logit_options(model.config)` says, which is how
+    qseg's losses compute them (never materialising the logits).
 
     Gemma 2 to 4 soft-cap their logits (30·tanh(z/30)), Granite divides and Cohere
-    multiplies them by a constant: training those through the hidden states would fit
-    other logits than the model predicts with. Checked on a few tokens, in the model's
+    multiplies them by a constant, all declared in their configs; a model that transforms
+    its logits in a way its config does not declare would be trained on other logits than
+    it predicts with. Checked on a few tokens, in the model's
     own mode (an eval-mode pass would switch bitsandbytes' 4-bit layers on a CPU to an
     inference format that passes no gradient), with the same random dropout in both.
     """
@@ -75,6 +104,7 @@ def check_head_gives_the_logits(model: nn.Module) -> None:
         logits = model(input_ids=input_ids, use_cache=False).logits
         torch.manual_seed(0)
         fused = output_head(model)(backbone_hidden_states(model, input_ids))
+        fused = transform_logits(fused, **logit_options(model.config))
     if logits.shape != fused.shape:  # a backend that leaves out the logits: nothing to compare
         log.info("logits check skipped: the model returned logits of shape %s", logits.shape)
         return
@@ -87,7 +117,7 @@ def check_head_gives_the_logits(model: nn.Module) -> None:
         kind = getattr(model.config, "model_type", type(model).__name__)
         raise ValueError(
             f"{kind} model: its logits are not its head applied "
-            f"to its last hidden states (they differ by up to {gap:.3g}); it soft-caps or scales "
-            "its logits (as Gemma 2-4, Granite and Cohere do), which qseg's fused losses do "
-            "not apply, so qseg cannot train it"
+            f"to its last hidden states (they differ by up to {gap:.3g}), even with the "
+            f"logit options its config declares ({logit_options(model.config) or 'none'}); "
+            "qseg's fused losses compute the logits that way, so qseg cannot train it"
         )

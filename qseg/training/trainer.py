@@ -23,7 +23,7 @@ from transformers import Trainer, TrainingArguments
 from qseg.config import TrainConfig
 from qseg.constants import IGNORE_INDEX
 from qseg.losses import fused_linear_loss, plan_chunks
-from qseg.models import backbone_hidden_states, output_head
+from qseg.models import backbone_hidden_states, logit_options, output_head
 
 log = logging.getLogger(__name__)
 
@@ -242,6 +242,7 @@ class LossTrainer(Trainer):
             chunk_size=self.chunk_size,
             num_tokens=num_tokens,
             num_samples=num_samples,
+            **logit_options(self.model.config),  # Gemma 2's soft-cap, Granite's scale, ...
         )
 
 
