@@ -29,6 +29,7 @@ CONFIG_FILE = "config.yaml"  # the resolved config
 RUN_FILE = "run.json"  # the run's record: config, losses per step, timings, eval summary
 EVAL_FILE = "eval.json"  # the held-out evaluation's report
 MANIFEST = ".qseg-files"  # every file the run wrote, with its size and time
+LOCK_FILE = ".qseg-lock"  # held by the running process (its pid inside)
 
 
 def read_run(directory: str | Path) -> dict[str, Any]:
@@ -58,8 +59,11 @@ def read_run(directory: str | Path) -> dict[str, Any]:
 
 
 def write_json(path: Path, record: dict[str, Any]) -> None:
-    """Write a run's JSON file (`run.json`, `eval.json`) as indented UTF-8."""
-    path.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+    """Write a run's JSON file (`run.json`, `eval.json`) as indented UTF-8, whole or not
+    at all: it is written beside and renamed into place."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+    partial.replace(path)
 
 
 def check_output_dir(cfg: TrainConfig) -> Path:
@@ -74,13 +78,23 @@ def check_output_dir(cfg: TrainConfig) -> Path:
         return fresh_run_dir(RUNS_ROOT)
     output_dir = Path(cfg.output_dir)
     if cfg.resume:
-        from transformers.trainer_utils import get_last_checkpoint  # transformers after unsloth
-
-        checkpoint = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
-        if checkpoint is None:
+        if cfg.overwrite:
+            raise ValueError(
+                "--resume continues the run in --output-dir and --overwrite replaces it: "
+                "pass one of them"
+            )
+        checkpoint, skipped = (None, [])
+        if output_dir.is_dir():
+            checkpoint, skipped = last_complete_checkpoint(output_dir)
+        if checkpoint is None and not skipped:
             raise ValueError(
                 f"--resume: {output_dir} holds no checkpoint-N folder to continue from; "
                 "train into it without --resume first"
+            )
+        if checkpoint is None:
+            raise ValueError(
+                f"--resume: {output_dir} holds no complete checkpoint to continue from "
+                f"(skipped: {'; '.join(skipped)}); train into it again with --overwrite"
             )
         state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
         if cfg.max_steps is not None and state["global_step"] >= cfg.max_steps:
@@ -91,7 +105,7 @@ def check_output_dir(cfg: TrainConfig) -> Path:
         return output_dir
     if output_dir.exists() and not output_dir.is_dir():
         raise ValueError(f"output dir {output_dir} is a file; choose a folder")
-    if not output_dir.is_dir() or not any(output_dir.iterdir()):
+    if not output_dir.is_dir() or not any(p.name != LOCK_FILE for p in output_dir.iterdir()):
         return output_dir
     foreign = foreign_files(output_dir)
     if foreign is None or foreign:
@@ -155,7 +169,57 @@ def _files(output_dir: Path) -> dict[str, list[int]]:
         for name in (*files, *links):
             path = Path(root, name)
             relative = path.relative_to(output_dir).as_posix()
-            if relative != MANIFEST:
+            if relative not in (MANIFEST, LOCK_FILE):
                 stat = path.lstat()
                 found[relative] = [stat.st_size, stat.st_mtime_ns]
     return found
+
+
+COMPLETE_MARKER = ".qseg-complete"
+# What transformers needs to resume exactly: without any of them a resume would start a
+# fresh optimizer, schedule or random stream and silently train differently.
+CHECKPOINT_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt", "rng_state.pth")
+ADAPTER_FILES = ("adapter_model.safetensors", "model.safetensors")
+
+
+def _step(folder: Path) -> int:
+    return int(folder.name.removeprefix("checkpoint-"))
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why `folder` cannot be resumed from, or None when it is complete."""
+    missing = [name for name in CHECKPOINT_FILES if not (folder / name).is_file()]
+    if not any((folder / name).is_file() for name in ADAPTER_FILES):
+        missing.append("the adapter weights")
+    if missing:
+        return f"missing {', '.join(missing)}"
+    if not (folder / COMPLETE_MARKER).is_file():
+        return "not marked complete (the save was interrupted)"
+    try:
+        json.loads((folder / "trainer_state.json").read_text())
+    except (OSError, ValueError) as err:
+        return f"unreadable trainer_state.json ({err})"
+    return None
+
+
+def last_complete_checkpoint(output_dir: Path) -> tuple[Path | None, list[str]]:
+    """The newest complete `checkpoint-N` of a run, and a line per newer one skipped.
+
+    Args:
+        output_dir: the run's folder.
+
+    Returns:
+        (the checkpoint folder or None, ["checkpoint-N: why", ...]).
+    """
+    folders = [
+        path
+        for path in output_dir.glob("checkpoint-*")
+        if path.is_dir() and path.name.removeprefix("checkpoint-").isdigit()
+    ]
+    skipped = []
+    for folder in sorted(folders, key=_step, reverse=True):
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            return folder, skipped
+        skipped.append(f"{folder.name}: {problem}")
+    return None, skipped

@@ -9,6 +9,8 @@ adds to the loop in `callbacks`, the run's record and summary in `record`.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import time
 from pathlib import Path
@@ -18,7 +20,6 @@ from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
 from transformers import set_seed
 from transformers.trainer_callback import ProgressCallback
-from transformers.trainer_utils import get_last_checkpoint
 
 from qseg.config import TrainConfig
 from qseg.data import DataCollator, Example, build_dataset, is_one_file, load_examples
@@ -38,11 +39,13 @@ from qseg.run_files import (
     RUN_FILE,
     check_output_dir,
     clear_run,
+    last_complete_checkpoint,
     record_run_files,
     write_json,
 )
 from qseg.training.callbacks import ProgressBar, RecordRunFiles, ResumeOnTheNewSchedule, StepMonitor
 from qseg.training.record import reset_peak_memory, run_record
+from qseg.training.safety import MarkCompleteCheckpoints, StopOnNonFinite, out_of_space, run_lock
 from qseg.training.trainer import LossTrainer, training_arguments, uses_checkpointing, uses_cpu
 
 log = logging.getLogger(__name__)
@@ -66,6 +69,17 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     """
     state = PartialState(cpu=uses_cpu())  # one process, or one of a launched group
     output_dir = agreed_output_dir(cfg, state)
+    # The lock is taken before anything is written: a second run into the folder stops.
+    with run_lock(output_dir) if state.is_main_process else contextlib.nullcontext():
+        try:
+            return _train(cfg, state, output_dir)
+        except OSError as err:
+            if err.errno == errno.ENOSPC:
+                raise out_of_space(err, output_dir) from err
+            raise
+
+
+def _train(cfg: TrainConfig, state: PartialState, output_dir: Path) -> dict[str, Any]:
     # The main process downloads or converts first; the others then read its cache.
     with state.main_process_first():
         examples, data_info = read_examples(
@@ -114,7 +128,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         train_dataset=features,
         data_collator=DataCollator(loaded.tokenizer.pad_token_id),
         processing_class=loaded.tokenizer,
-        callbacks=[monitor, RecordRunFiles(output_dir), ResumeOnTheNewSchedule()],
+        callbacks=[
+            monitor,
+            StopOnNonFinite(output_dir),
+            MarkCompleteCheckpoints(),
+            RecordRunFiles(output_dir),
+            ResumeOnTheNewSchedule(),
+        ],
         losses=cfg.loss,
         ce_scope=cfg.ce_scope,
         chunk_size=cfg.chunk_size,
@@ -124,9 +144,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     reset_peak_memory()
     start = time.perf_counter()
-    result = trainer.train(
-        resume_from_checkpoint=get_last_checkpoint(str(output_dir)) if cfg.resume else None
-    )
+    result = trainer.train(resume_from_checkpoint=_resume_point(output_dir) if cfg.resume else None)
     train_seconds = time.perf_counter() - start
     evaluation = None
     if state.is_main_process:
@@ -151,8 +169,21 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         write_json(output_dir / RUN_FILE, record)
         if evaluation is not None:
             write_json(output_dir / EVAL_FILE, evaluation)
+        else:  # a resumed run without evaluation: the earlier run's report is not this one's
+            (output_dir / EVAL_FILE).unlink(missing_ok=True)
         record_run_files(output_dir)
     return record
+
+
+def _resume_point(output_dir: Path) -> str:
+    """The newest complete checkpoint, said in the log with each newer one skipped."""
+    checkpoint, skipped = last_complete_checkpoint(output_dir)
+    for line in skipped:
+        log.warning("--resume skips %s", line)
+    if checkpoint is None:  # check_output_dir has seen one; it went since
+        raise ValueError(f"--resume: {output_dir} no longer holds a complete checkpoint")
+    log.info("resuming from %s", checkpoint)
+    return str(checkpoint)
 
 
 def agreed_output_dir(cfg: TrainConfig, state: PartialState) -> Path:

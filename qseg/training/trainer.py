@@ -314,6 +314,9 @@ def training_arguments(cfg: TrainConfig, output_dir: Path, dtype: torch.dtype) -
         bf16=cuda and dtype == torch.bfloat16,
         fp16=cuda and dtype == torch.float16,
         logging_steps=1,
+        # A NaN or inf loss is logged as it is (the default logs 0.0): run.json must not
+        # report a diverged step as a perfect one.
+        logging_nan_inf_filter=False,
         save_strategy="steps",
         save_steps=cfg.save_steps,
         save_total_limit=2,
