@@ -51,6 +51,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Under torchrun / accelerate launch (RANK set) the other processes log warnings only.
     level = logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING
     logging.basicConfig(level=level, format="%(message)s")
+    # bitsandbytes warns at import, on some CPUs, about optional kernels from a hub: lines
+    # that say nothing about the run and push qseg's own message out of view.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     try:
         return args.run(args)
     except (ValueError, FileNotFoundError) as err:

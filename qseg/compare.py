@@ -50,6 +50,26 @@ def loss_label(losses: str | Mapping[str, Any] | None) -> str:
 
 
 def load_result(path: str | Path) -> RunResult:
+    """The eval summary of a run dir or report (`_load_result`), its figures checked.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: not a qseg run or report, a run without eval results, or a metric
+            that is not a number.
+    """
+    result = _load_result(path)
+    for name in (*METRICS, "n"):
+        value = result.summary.get(name)
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if value is not None and not (number and math.isfinite(value)):
+            raise ValueError(
+                f"{path}: {name} is {value!r}, not a number; the file was edited or is not "
+                "a qseg report: run qseg eval again"
+            )
+    return result
+
+
+def _load_result(path: str | Path) -> RunResult:
     """The eval summary of a run dir (or its run.json) or of a ``qseg eval`` report file.
 
     Raises:

@@ -57,8 +57,15 @@ def _split_names(split: str) -> tuple[str, ...]:
 def _read_file(path: Path) -> Iterator[dict[str, Any]]:
     """Rows of a .jsonl (one object a line), .json (an array, or {"data": [...]}) or .parquet."""
     if path.suffix == ".jsonl":
-        with path.open(encoding="utf-8") as lines:
-            for line_number, line in enumerate(lines, 1):
+        with path.open("rb") as lines:
+            for line_number, raw in enumerate(lines, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise ValueError(
+                        f"{path}: line {line_number} is not UTF-8 text ({err.reason} at byte "
+                        f"{err.start}); is it a binary or corrupt file?"
+                    ) from None
                 if not line.strip():
                     continue
                 try:
@@ -66,7 +73,10 @@ def _read_file(path: Path) -> Iterator[dict[str, Any]]:
                 except json.JSONDecodeError as err:
                     raise ValueError(f"{path}: line {line_number} is not JSON: {err}") from err
     elif path.suffix == ".json":
-        data = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{path} is not a readable JSON file: {err}") from None
         rows = data.get("data") if isinstance(data, dict) else data
         if not isinstance(rows, list):
             raise ValueError(f"{path}: expected a JSON array of rows (or {{'data': [...]}})")
