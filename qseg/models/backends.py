@@ -94,10 +94,8 @@ def load_model(
             "4-bit weights cannot be trained directly: give LoRA settings or an adapter, "
             "or use quantization='none' for full fine-tuning"
         )
-    if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
-        raise FileNotFoundError(
-            f"adapter {adapter!r} is not a peft adapter folder (no adapter_config.json in it)"
-        )
+    if adapter is not None:
+        check_adapter(Path(adapter))
 
     gguf_cache, converted, offloaded = None, False, 0
     if kind == "gguf":
@@ -144,6 +142,39 @@ def _offload(model: nn.Module) -> int:
         log.warning("--offload-activations: no GPU, so nothing to offload; training without it")
         return 0
     return enable_offloaded_checkpointing(model)
+
+
+def check_adapter(folder: Path) -> None:
+    """Refuse, before any loading, an adapter folder that is missing or incomplete.
+
+    Raises:
+        FileNotFoundError: no adapter_config.json (not a peft adapter folder).
+        ValueError: no weights, or weights that cannot be read (a truncated file).
+    """
+    if not (folder / "adapter_config.json").is_file():
+        raise FileNotFoundError(
+            f"adapter {str(folder)!r} is not a peft adapter folder (no adapter_config.json "
+            "in it): a qseg train output dir holds one once training has finished"
+        )
+    weights = [folder / name for name in ("adapter_model.safetensors", "adapter_model.bin")]
+    present = [path for path in weights if path.is_file()]
+    if not present:
+        raise ValueError(
+            f"adapter {folder} has no weights (adapter_model.safetensors): its run did not "
+            "finish; resume it with qseg train --resume, or use one of its checkpoints"
+        )
+    if present[0].suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            # Opening reads the header, which also states how long the file must be.
+            with safe_open(str(present[0]), framework="pt") as weights_file:
+                weights_file.metadata()
+        except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
+            raise ValueError(
+                f"{present[0]} cannot be read ({err}); it is truncated or corrupt: train "
+                "again, or use the adapter of one of the run's checkpoints"
+            ) from None
 
 
 def describe(loaded: LoadedModel) -> dict[str, Any]:

@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import shutil
+import struct
 import tempfile
 import time
 from pathlib import Path
@@ -135,10 +136,16 @@ def convert_gguf(gguf: Path) -> tuple[Path, bool]:
         # Ask for a plain dense model even where a GGUF matmul kernel is installed: packed
         # GGUF layers can neither be saved nor wrapped by LoRA.
         options = {"quantization_config": GgufConfig(dequantize=True)} if GgufConfig else {}
-        model = AutoModelForCausalLM.from_pretrained(
-            gguf.parent, gguf_file=gguf.name, dtype=torch.float32, **options
-        )
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                gguf.parent, gguf_file=gguf.name, dtype=torch.float32, **options
+            )
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        except (struct.error, ValueError, OSError, EOFError, KeyError) as err:
+            raise ValueError(
+                f"model file {gguf} is truncated or corrupt ({type(err).__name__}: "
+                f"{str(err)[:120]}); download it again"
+            ) from None
         align_special_tokens(tokenizer, model.config)
         quantizer = getattr(model, "hf_quantizer", None)
         if quantizer is not None:
