@@ -195,6 +195,15 @@ def checkpoint_problem(folder: Path) -> str | None:
         return f"missing {', '.join(missing)}"
     if not (folder / COMPLETE_MARKER).is_file():
         return "not marked complete (the save was interrupted)"
+    weights = folder / ADAPTER_FILES[0]
+    if weights.is_file():
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(weights), framework="pt") as weights_file:
+                weights_file.metadata()
+        except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
+            return f"unreadable {weights.name} ({err})"
     try:
         json.loads((folder / "trainer_state.json").read_text())
     except (OSError, ValueError) as err:

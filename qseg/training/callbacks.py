@@ -66,6 +66,12 @@ class RecordRunFiles(TrainerCallback):
 class ProgressBar(ProgressCallback):
     """Trainer's tqdm bar, with the step logs (loss, tokens/s, memory) in its postfix."""
 
+    def close(self) -> None:
+        """Close the bar of a run that stopped early, so an error is the last line shown."""
+        if self.training_bar is not None:
+            self.training_bar.close()
+            self.training_bar = None
+
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.training_bar is None or logs is None or "loss" not in logs:
             return super().on_log(args, state, control, logs=logs, **kwargs)

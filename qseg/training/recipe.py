@@ -140,11 +140,17 @@ def _train(cfg: TrainConfig, state: PartialState, output_dir: Path) -> dict[str,
         chunk_size=cfg.chunk_size,
     )
     trainer.remove_callback(ProgressCallback)
-    trainer.add_callback(ProgressBar())
+    progress = ProgressBar()
+    trainer.add_callback(progress)
 
     reset_peak_memory()
     start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=_resume_point(output_dir) if cfg.resume else None)
+    try:
+        result = trainer.train(
+            resume_from_checkpoint=_resume_point(output_dir) if cfg.resume else None
+        )
+    finally:
+        progress.close()
     train_seconds = time.perf_counter() - start
     evaluation = None
     if state.is_main_process:
