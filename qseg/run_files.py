@@ -30,6 +30,11 @@ RUN_FILE = "run.json"  # the run's record: config, losses per step, timings, eva
 EVAL_FILE = "eval.json"  # the held-out evaluation's report
 MANIFEST = ".qseg-files"  # every file the run wrote, with its size and time
 LOCK_FILE = ".qseg-lock"  # held by the running process (its pid inside)
+COMPLETE_MARKER = ".qseg-complete"  # in a checkpoint folder, written once it is whole
+# What transformers needs to resume exactly: without any of them a resume would start a
+# fresh optimizer, schedule or random stream and silently train differently.
+CHECKPOINT_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt", "rng_state.pth")
+ADAPTER_FILES = ("adapter_model.safetensors", "model.safetensors")
 
 
 def read_run(directory: str | Path) -> dict[str, Any]:
@@ -146,7 +151,36 @@ def foreign_files(output_dir: Path) -> list[str] | None:
     if not manifest.is_file():
         return None
     written = json.loads(manifest.read_text())
-    return sorted(path for path, stamp in _files(output_dir).items() if written.get(path) != stamp)
+    # A save the run began but never finished (a kill, a full disk) is the run's own too.
+    unfinished = {
+        path.name
+        for path in output_dir.glob("checkpoint-*")
+        if path.is_dir() and not (path / COMPLETE_MARKER).exists()
+    }
+    return sorted(
+        path
+        for path, stamp in _files(output_dir).items()
+        if written.get(path) != stamp and not _unfinished_save(path, unfinished)
+    )
+
+
+# What transformers and peft write into a checkpoint folder (a user's own file there,
+# even with one of these names elsewhere, is never taken for the run's).
+SAVED_FILES = (
+    *CHECKPOINT_FILES,
+    *ADAPTER_FILES,
+    "adapter_config.json",
+    "training_args.bin",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+)
+
+
+def _unfinished_save(path: str, unfinished: set[str]) -> bool:
+    folder, _, name = path.partition("/")
+    return folder in unfinished and name in SAVED_FILES
 
 
 def clear_run(output_dir: Path) -> None:
@@ -173,13 +207,6 @@ def _files(output_dir: Path) -> dict[str, list[int]]:
                 stat = path.lstat()
                 found[relative] = [stat.st_size, stat.st_mtime_ns]
     return found
-
-
-COMPLETE_MARKER = ".qseg-complete"
-# What transformers needs to resume exactly: without any of them a resume would start a
-# fresh optimizer, schedule or random stream and silently train differently.
-CHECKPOINT_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt", "rng_state.pth")
-ADAPTER_FILES = ("adapter_model.safetensors", "model.safetensors")
 
 
 def _step(folder: Path) -> int:

@@ -8,6 +8,7 @@ import errno
 import fcntl
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import transformers
 from safetensors.torch import load_file
 
 from qseg.cli import main
+from qseg.models.sources import remove_stale_conversions
 
 MAX_LENGTH = 64
 
@@ -144,3 +146,24 @@ def test_compare_refuses_a_report_whose_figures_are_not_numbers(tmp_path, capsys
     assert main(["compare", str(report)]) == 2
     err = capsys.readouterr().err
     assert "exact_match is '0.5', not a number" in err and "Traceback" not in err
+
+
+def test_a_folder_left_by_an_unfinished_save_can_be_overwritten(tiny_llama_dir, tmp_path):
+    out = tmp_path / "run"
+    assert main(train_argv(tiny_llama_dir, out, "--max-steps", "2", "--save-steps", "2")) == 0
+    partial = out / "checkpoint-4"  # a save that died half-way: no completion marker
+    partial.mkdir()
+    (partial / "optimizer.pt").write_bytes(b"\x00" * 10)
+    argv = train_argv(tiny_llama_dir, out, "--max-steps", "1", "--overwrite")
+    assert main(argv) == 0
+    assert not partial.exists() and (out / "adapter_model.safetensors").is_file()
+
+
+def test_stale_conversion_folders_are_removed(tmp_path):
+    dead = tmp_path / ".model-1-abc.999999999.x1"  # no such process
+    alive = tmp_path / f".model-1-abc.{os.getpid()}.x2"
+    kept = tmp_path / "model-1-abc"  # a finished conversion
+    for folder in (dead, alive, kept):
+        folder.mkdir()
+    assert remove_stale_conversions(tmp_path) == [dead]
+    assert alive.is_dir() and kept.is_dir() and not dead.exists()

@@ -131,7 +131,9 @@ def convert_gguf(gguf: Path) -> tuple[Path, bool]:
     log.info("converting %s to a Hugging Face folder once: %s", gguf, target)
     start = time.perf_counter()
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    remove_stale_conversions(target.parent)
+    # The pid in the name tells a later run whether the conversion is still going.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", dir=target.parent))
     try:
         # Ask for a plain dense model even where a GGUF matmul kernel is installed: packed
         # GGUF layers can neither be saved nor wrapped by LoRA.
@@ -166,6 +168,34 @@ def convert_gguf(gguf: Path) -> tuple[Path, bool]:
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("converted %s in %.1f s", gguf, time.perf_counter() - start)
     return target, True
+
+
+def remove_stale_conversions(cache: Path) -> list[Path]:
+    """Delete the temporary folders of conversions whose process is gone (killed while
+    writing); a running conversion's folder is left alone.
+
+    Args:
+        cache: the folder holding the cached conversions.
+
+    Returns:
+        The folders removed.
+    """
+    removed = []
+    for folder in cache.glob(".*.*"):
+        parts = folder.name.rsplit(".", 2)
+        if not folder.is_dir() or len(parts) < 3 or not parts[1].isdigit():
+            continue
+        try:
+            os.kill(int(parts[1]), 0)
+            continue  # alive: its conversion is still being written
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue  # alive, another user's
+        shutil.rmtree(folder, ignore_errors=True)
+        log.info("removed %s, left by a conversion that was killed", folder)
+        removed.append(folder)
+    return removed
 
 
 def align_special_tokens(tokenizer: PreTrainedTokenizerBase, config: Any) -> None:
