@@ -167,3 +167,14 @@ def test_stale_conversion_folders_are_removed(tmp_path):
         folder.mkdir()
     assert remove_stale_conversions(tmp_path) == [dead]
     assert alive.is_dir() and kept.is_dir() and not dead.exists()
+
+
+def test_a_truncated_cache_entry_names_the_folder_to_delete(tiny_llama_dir, tmp_path, capsys):
+    cached = tmp_path / "cached"  # what convert_gguf leaves: a folder with its provenance
+    shutil.copytree(tiny_llama_dir, cached)
+    (cached / "qseg_gguf.json").write_text("{}")
+    weights = cached / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:200])
+    assert main(train_argv(cached, tmp_path / "o", "--max-steps", "1")) == 2
+    line = one_error_line(capsys)
+    assert f"the cached conversion {cached} cannot be read" in line and "delete" in line

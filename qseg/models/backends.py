@@ -261,6 +261,13 @@ def _load_transformers(location: str, quantization: str) -> tuple[PreTrainedMode
         raise ValueError(
             f"could not load model {location!r} ({err}); model must be {SOURCES_ACCEPTED}"
         ) from err
+    except Exception as err:  # noqa: BLE001 - safetensors and torch raise their own kinds
+        if (Path(location) / "qseg_gguf.json").is_file():  # a cached GGUF conversion
+            raise ValueError(
+                f"the cached conversion {location} cannot be read ({type(err).__name__}: "
+                f"{str(err)[:120]}); delete that folder and run again to convert anew"
+            ) from None
+        raise
     return model, dtype
 
 
