@@ -30,7 +30,7 @@ from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from qseg.constants import CE_SCOPES, IGNORE_INDEX
-from qseg.losses import fused_linear_loss, loss_kind, normalize_losses, transform_logits
+from qseg.losses import fused_linear_loss, loss_kind, normalize_losses
 from qseg.models import check_head_gives_the_logits, decoder_of, logit_options, output_head
 
 # Arguments of a causal LM's forward that only concern its logits or its cache: the
@@ -84,10 +84,10 @@ def patch_model(
     TRL: its trainers call the model with `fused_lm_head=True` and compute the loss as
     `-log_probs.sum() / num_items_in_batch`. The patch answers with a `log_probs` whose
     sum is minus the qseg loss times that count (so TRL's loss is exactly the qseg loss),
-    and with each scored token's `entropy`, `is_top1` and `label_mask` from the chunked
-    pass, so TRL's entropy and token accuracy are logged. Use TRL's default
-    `loss_type="nll"`; other loss types reweigh `log_probs` per token and are not the
-    qseg mixture.
+    and with the sums TRL reads from `entropy` and `is_top1` (from the loss's own chunked
+    pass, `return_stats`) and `label_mask`, so TRL's entropy and token accuracy are
+    logged. Use TRL's default `loss_type="nll"`; other loss types reweigh `log_probs` per
+    token and are not the qseg mixture.
 
     Args:
         model: a transformers causal LM, or a peft model wrapping one (either may be
@@ -239,38 +239,38 @@ def _loss_and_stats(
     inputs: dict[str, Any],
     num_items: Any,
     with_stats: bool,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
-    """The mixture on the hidden states (B, T, d) and the labels shifted left."""
+) -> tuple[torch.Tensor, dict[str, Any] | None]:
+    """The mixture on the hidden states (B, T, d) and the labels shifted left; with
+    `with_stats`, also the scored tokens' statistics (`fused_linear_loss`'s
+    `return_stats`) and their mask."""
     head, options = output_head(model), logit_options(model.config)
     labels = labels.to(hidden.device)
     next_labels = nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
     scored = int((next_labels != IGNORE_INDEX).sum())
-    passes = {"answer": dict(state.losses)}
-    if state.ce_scope == "sequence" and "cross_entropy" in passes["answer"]:
-        passes = {"sequence": {"cross_entropy": passes["answer"].pop("cross_entropy")}, **passes}
-    parts = []
+    answer_losses = dict(state.losses)
+    passes = {}
+    if state.ce_scope == "sequence" and "cross_entropy" in answer_losses:
+        passes["sequence"] = {"cross_entropy": answer_losses.pop("cross_entropy")}
+    if answer_losses:
+        passes["answer"] = answer_losses
+    common = {"chunk_size": state.chunk_size, "chunk_memory": state.chunk_memory, **options}
+    parts, stats = [], None
     for scope, losses in passes.items():
-        if not losses:
-            continue
         targets = next_labels
         if scope == "sequence":
             mask = inputs.get("attention_mask")
-            ids = (
-                inputs["input_ids"]
-                if mask is None
-                else inputs["input_ids"].masked_fill(mask == 0, IGNORE_INDEX)
-            )
+            ids = inputs["input_ids"]
+            ids = ids if mask is None else ids.masked_fill(mask == 0, IGNORE_INDEX)
             targets = nn.functional.pad(ids[:, 1:], (0, 1), value=IGNORE_INDEX)
-        part = fused_linear_loss(
-            hidden,
-            head,
-            targets,
-            losses,
-            chunk_size=state.chunk_size,
-            chunk_memory=state.chunk_memory,
-            **options,
-        )
+        wants = with_stats and scope == "answer"
+        part = fused_linear_loss(hidden, head, targets, losses, return_stats=wants, **common)
+        part, stats = part if wants else (part, stats)
         parts.append(part)
+    if with_stats and stats is None:  # only the sequence pass ran: the labels' stats apart
+        with torch.no_grad():
+            _, stats = fused_linear_loss(
+                hidden, head, next_labels, "cross_entropy", return_stats=True, **common
+            )
     loss = sum(parts[1:], parts[0])
     total = _count(num_items)
     if total is not None and scored:
@@ -283,53 +283,13 @@ def _loss_and_stats(
         loss = loss * (scored / total)
     if not with_stats:
         return loss, None
-    return loss, token_stats(hidden, head, next_labels, state.chunk_size, options)
+    return loss, {**stats, "label_mask": next_labels != IGNORE_INDEX}
 
 
 def _count(num_items: Any) -> int | None:
     if num_items is None:
         return None
     return int(num_items.item() if isinstance(num_items, torch.Tensor) else num_items)
-
-
-@torch.no_grad()
-def token_stats(
-    hidden: torch.Tensor,
-    head: nn.Module,
-    labels: torch.Tensor,
-    chunk_size: int | str = "auto",
-    options: dict | None = None,
-) -> dict[str, torch.Tensor]:
-    """Each scored token's predictive entropy and whether its label is the argmax, computed
-    chunk by chunk from the hidden states and the head, without gradient.
-
-    Args:
-        hidden: (B, T, d) hidden states.
-        head: the output head (V, d).
-        labels: (B, T) labels aligned with `hidden`, IGNORE_INDEX where not scored.
-        chunk_size: rows per chunk, or "auto" (as many rows as hold about 64 MiB of
-            float32 logits).
-        options: the model's `logit_options` (soft-cap, scale), or None.
-
-    Returns:
-        {"entropy": (B, T) float32, "is_top1": (B, T) bool, "label_mask": (B, T) bool},
-        zero or False at unscored positions.
-    """
-    mask = labels != IGNORE_INDEX
-    entropy = torch.zeros(labels.shape, dtype=torch.float32, device=hidden.device)
-    is_top1 = torch.zeros(labels.shape, dtype=torch.bool, device=hidden.device)
-    index = mask.reshape(-1).nonzero().squeeze(1)
-    flat_hidden, flat_labels = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
-    vocab = head.weight.shape[0] if hasattr(head, "weight") else None
-    rows = chunk_size if isinstance(chunk_size, int) else max(1, (64 << 20) // (4 * (vocab or 1)))
-    flat_entropy, flat_top1 = entropy.view(-1), is_top1.view(-1)
-    for start in range(0, index.numel(), rows):
-        chunk = index[start : start + rows]
-        logits = transform_logits(head(flat_hidden[chunk]).float(), **(options or {}))
-        logp = logits.log_softmax(dim=-1)
-        flat_entropy[chunk] = -(logp.exp() * logp).sum(dim=-1)
-        flat_top1[chunk] = logits.argmax(dim=-1) == flat_labels[chunk]
-    return {"entropy": entropy, "is_top1": is_top1, "label_mask": mask}
 
 
 def _trl_output(loss: torch.Tensor, stats: dict[str, torch.Tensor], num_items: Any) -> Any:
@@ -339,13 +299,19 @@ def _trl_output(loss: torch.Tensor, stats: dict[str, torch.Tensor], num_items: A
     mask = stats["label_mask"][:, :-1]
     count = _count(num_items)
     denominator = count if count is not None else max(int(mask.sum()), 1)
-    # TRL's loss is -log_probs.sum() / denominator: carry the whole qseg loss on one entry.
-    log_probs = torch.zeros(mask.shape, dtype=loss.dtype, device=loss.device)
-    log_probs = log_probs.index_put((torch.tensor(0), torch.tensor(0)), -loss * denominator)
+    # TRL only sums these fields over positions: each carries its whole sum on one entry.
+    # Its loss is -log_probs.sum() / denominator, so that entry is the qseg loss's share.
+    first = (torch.tensor(0), torch.tensor(0))
+
+    def one_entry(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        zeros = torch.zeros(mask.shape, dtype=dtype, device=loss.device)
+        return zeros.index_put(first, value.to(dtype=dtype, device=loss.device))
+
+    entropy_sum = stats["entropy"] * stats["tokens"]
     return FusedCausalLMOutput(
         loss=loss,
-        log_probs=log_probs,
-        entropy=stats["entropy"][:, :-1],
-        is_top1=stats["is_top1"][:, :-1],
+        log_probs=one_entry(-loss * denominator, loss.dtype),
+        entropy=one_entry(entropy_sum, torch.float32),
+        is_top1=one_entry(stats["correct"], torch.long),
         label_mask=mask,
     )
