@@ -66,7 +66,8 @@ def unsloth_missing(device: torch.device) -> str | None:
 
 
 def unsloth_rows(args: argparse.Namespace, device: torch.device, reason: str) -> list[dict]:
-    """Skipped rows for the unsloth setups asked for, one per (model, mixture, setup).
+    """Skipped rows for the unsloth setups asked for, one per (model, mixture, setup, and
+    length of `--tokens`; a search's: `tokens` 0, none trained).
 
     Args:
         args: the parsed flags.
@@ -77,14 +78,15 @@ def unsloth_rows(args: argparse.Namespace, device: torch.device, reason: str) ->
         The rows.
     """
     rows = []
-    for model in args.models:
-        for loss, setup in asked(args):
-            if setup["backend"] != "unsloth":
-                continue
-            spec = MODELS[model]
-            case = dict(loss=loss, **setup, vocab=spec["vocab_size"], hidden=spec["hidden_size"])
-            row = {**common.skipped_row({**case, "dtype": WEIGHTS}, reason), **setup}
-            rows.append({**row, "device": common.device_name(device), "model": model})
+    for model, (loss, setup), tokens in itertools.product(
+        args.models, asked(args), args.tokens or [0]
+    ):
+        if setup["backend"] != "unsloth":
+            continue
+        spec = MODELS[model]
+        case = dict(loss=loss, tokens=tokens, vocab=spec["vocab_size"], dtype=WEIGHTS)
+        row = common.skipped_row({**case, "hidden": spec["hidden_size"]}, reason)
+        rows.append({**row, **setup, "device": common.device_name(device), "model": model})
     return rows
 
 
