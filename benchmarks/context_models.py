@@ -114,11 +114,11 @@ def save_checkpoint(name: str, layers: int | None, device: torch.device) -> tupl
     Returns:
         (folder, written): written is False when an earlier call's folder was reused.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     folder = checkpoint_folder(name, layers)
     if folder.is_dir():
         return folder, False
+    from transformers import AutoConfig, AutoModelForCausalLM
+
     folder.parent.mkdir(parents=True, exist_ok=True)
     partial = folder.with_name(f".{folder.name}.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)

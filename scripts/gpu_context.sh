@@ -63,14 +63,14 @@ print('checkpoint (folder, saved now):', save_checkpoint('llama3.1-8b', None, to
   local mixes="cross_entropy lovasz cross_entropy:0.6,generalized_dice:0.4"
   local unsloth_file=$out/max_context_unsloth_gpu.json
   # $(resume_from ...) is left unquoted: its flags are meant to split.
-  step unsloth_r32 160 python3 -m benchmarks.max_context --device cuda --models llama3.1-8b \
+  step unsloth_r32 150 python3 -m benchmarks.max_context --device cuda --models llama3.1-8b \
     --caps 16 24 --backends unsloth --impls qseg unsloth --lora-r 32 --mixes $mixes \
-    --jobs 5 --time-budget 60 --trial-timeout 95 \
+    --jobs 5 --time-budget 55 --trial-timeout 90 \
     $(resume_from "$unsloth_file" "$committed/max_context_unsloth_gpu.json") \
     --out "$unsloth_file" --overwrite
-  step unsloth_r8 75 python3 -m benchmarks.max_context --device cuda --models llama3.1-8b \
+  step unsloth_r8 85 python3 -m benchmarks.max_context --device cuda --models llama3.1-8b \
     --caps 16 24 --backends unsloth --impls qseg --lora-r 8 --mixes cross_entropy \
-    --jobs 2 --time-budget 5 --trial-timeout 65 \
+    --jobs 2 --time-budget 15 --trial-timeout 65 \
     $(resume_from "$unsloth_file" "$committed/max_context_unsloth_gpu.json") \
     --out "$unsloth_file" --overwrite
   local offload_file=$out/max_context_offload_gpu.json
