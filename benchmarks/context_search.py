@@ -21,29 +21,11 @@ import torch
 
 from benchmarks import common
 from benchmarks.context_models import MODELS, WEIGHTS
+from benchmarks.context_setups import EARLIER_SETUP, SETUP_KEYS, row_key
 
 # How far below the other mixtures' predicted limit a search without trials of its own starts.
 PEER_MARGIN = 0.05
 MODEL_TOO_BIG = "the model alone does not fit under the cap"  # a row's note
-# A trial's setup besides its model, losses and cap: rows name each of these keys.
-SETUP_KEYS = ("backend", "impl", "lora_r", "offload_activations")
-# What every trial ran with before rows named their setup (the transformers backend,
-# qseg's default LoRA r, checkpointed activations kept on the GPU): rows read without
-# these keys get them.
-EARLIER_SETUP = {"backend": "transformers", "lora_r": 8, "offload_activations": False}
-
-
-def row_key(row: dict[str, Any]) -> tuple:
-    """What identifies a search in its rows: (model, loss, cap_gb, *setup).
-
-    Args:
-        row: a result row, or an earlier one without the setup keys (`EARLIER_SETUP`).
-
-    Returns:
-        The key; equal to `Search.key` of the search that wrote the row.
-    """
-    row = {**EARLIER_SETUP, **row}
-    return (row.get("model"), row.get("loss"), row.get("cap_gb"), *(row[k] for k in SETUP_KEYS))
 
 
 @dataclass

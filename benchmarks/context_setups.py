@@ -1,7 +1,7 @@
 """The setups of the longest-context search: which backend runs which impl, which of
 them can run here, and the figures that compare one setup's rows with another's.
 
-A setup is a dict of `benchmarks.context_search.SETUP_KEYS`: backend, impl, lora_r,
+A setup is a dict of `SETUP_KEYS`: backend, impl, lora_r,
 offload_activations; `benchmarks.max_context` makes one search (or trial) per setup,
 mixture and cap.
 """
@@ -17,7 +17,27 @@ import torch
 
 from benchmarks import common
 from benchmarks.context_models import MODELS, WEIGHTS
-from benchmarks.context_search import EARLIER_SETUP, row_key
+
+# A trial's setup besides its model, losses and cap: rows name each of these keys.
+SETUP_KEYS = ("backend", "impl", "lora_r", "offload_activations")
+# What every trial ran with before rows named their setup (the transformers backend,
+# qseg's default LoRA r, checkpointed activations kept on the GPU): rows read without
+# these keys get them.
+EARLIER_SETUP = {"backend": "transformers", "lora_r": 8, "offload_activations": False}
+
+
+def row_key(row: dict[str, Any]) -> tuple:
+    """What identifies a search in its rows: (model, loss, cap_gb, *setup).
+
+    Args:
+        row: a result row, or an earlier one without the setup keys (`EARLIER_SETUP`).
+
+    Returns:
+        The key; equal to `Search.key` of the search that wrote the row.
+    """
+    row = {**EARLIER_SETUP, **row}
+    return (row.get("model"), row.get("loss"), row.get("cap_gb"), *(row[k] for k in SETUP_KEYS))
+
 
 # The impls each backend runs: full logits are what unsloth's path exists to avoid, and
 # unsloth's own loss needs its model.
@@ -34,7 +54,7 @@ def runnable(args: argparse.Namespace, device: torch.device) -> list[tuple[str, 
         device: the device of the run.
 
     Returns:
-        The pairs; a setup is a dict of `context_search.SETUP_KEYS`.
+        The pairs; a setup is a dict of `SETUP_KEYS`.
     """
     if unsloth_missing(device) is not None:
         return [pair for pair in asked(args) if pair[1]["backend"] != "unsloth"]

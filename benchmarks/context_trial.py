@@ -221,7 +221,7 @@ def trial_case(
         model: a key of `MODELS`.
         loss: the losses' text form, e.g. `cross_entropy:0.6,lovasz:0.4`.
         setup: backend, impl, lora_r and offload_activations
-            (`benchmarks.context_search.SETUP_KEYS`).
+            (`benchmarks.context_setups.SETUP_KEYS`).
         cap_gb: the memory cap; None for none (CPU).
         tokens: the sequence length to train at.
 

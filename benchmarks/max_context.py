@@ -78,11 +78,12 @@ import torch
 
 from benchmarks import common
 from benchmarks.context_models import MODELS, save_checkpoint
-from benchmarks.context_search import Search, Searcher, earlier_rows, row_key, search_row
+from benchmarks.context_search import Search, Searcher, earlier_rows, search_row
 from benchmarks.context_setups import (
     BACKEND_IMPLS,
     IMPLS,
     add_ratios,
+    row_key,
     runnable,
     unsloth_missing,
     unsloth_rows,

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import common, context_search, max_context
+from benchmarks import common, context_search, context_setups, max_context
 from benchmarks.context_search import Search, Searcher
 
 REPO = Path(__file__).resolve().parents[1]
@@ -592,7 +592,7 @@ def test_rows_without_setup_keys_resume_as_transformers_r8_without_offloading(tm
     assert (same.lo, same.hi, same.trials) == (8192, 8704, 3)
     assert all((s.lo, s.hi, s.trials) == (0, None, 0) for s in others)
     written = context_search.search_row(same, searcher, torch.device("cpu"), args)
-    assert context_search.row_key(written) == context_search.row_key(old) == same.key
+    assert context_setups.row_key(written) == context_setups.row_key(old) == same.key
 
 
 def test_unsloth_searches_on_a_simulated_card_share_one_checkpoint(tmp_path, monkeypatch):
