@@ -1,4 +1,4 @@
-"""The longest-context search: per (model, losses, impl, cap), the bracket [longest length
+"""The longest-context search: per (model, losses, setup, cap), the bracket [longest length
 that trained, shortest that ran out of memory], which probe to try next, and how an earlier
 run's rows seed the brackets again.
 
@@ -20,7 +20,8 @@ from typing import Any
 import torch
 
 from benchmarks import common
-from benchmarks.context_trial import MODELS, WEIGHTS
+from benchmarks.context_models import MODELS, WEIGHTS
+from benchmarks.context_setups import EARLIER_SETUP, SETUP_KEYS, row_key
 
 # How far below the other mixtures' predicted limit a search without trials of its own starts.
 PEER_MARGIN = 0.05
@@ -29,15 +30,21 @@ MODEL_TOO_BIG = "the model alone does not fit under the cap"  # a row's note
 
 @dataclass
 class Search:
-    """The bracket [lo fits, hi runs out of memory] for one (model, losses, impl, cap).
+    """The bracket [lo fits, hi runs out of memory] for one (model, losses, setup, cap).
 
-    `loss` is the losses' text form, as the rows' `loss` column holds it.
+    `loss` is the losses' text form, as the rows' `loss` column holds it. The setup: the
+    `backend` that loads the model (transformers | unsloth), the `impl` that computes the
+    loss (qseg | naive | unsloth, unsloth's own fused cross-entropy), the LoRA rank, and
+    whether checkpointed activations wait in CPU memory.
     """
 
     model: str
     loss: str
     impl: str
     cap_gb: float
+    backend: str = EARLIER_SETUP["backend"]
+    lora_r: int = EARLIER_SETUP["lora_r"]
+    offload_activations: bool = EARLIER_SETUP["offload_activations"]
     lo: int = 0
     hi: int | None = None
     best: dict | None = None  # this search's own trial at `lo`
@@ -49,9 +56,19 @@ class Search:
     error: str | None = None
 
     @property
-    def group(self) -> tuple[str, str, str]:
-        """(model, loss, impl): the searches of one group differ only in their cap."""
-        return self.model, self.loss, self.impl
+    def setup(self) -> dict[str, Any]:
+        """The setup keys (`SETUP_KEYS`) and their values, as rows and trial cases hold them."""
+        return {key: getattr(self, key) for key in SETUP_KEYS}
+
+    @property
+    def group(self) -> tuple:
+        """(model, loss, *setup): the searches of one group differ only in their cap."""
+        return (self.model, self.loss, *self.setup.values())
+
+    @property
+    def key(self) -> tuple:
+        """What identifies this search in result rows (`row_key`)."""
+        return (self.model, self.loss, self.cap_gb, *self.setup.values())
 
 
 @dataclass
@@ -139,10 +156,11 @@ class Searcher:
 
     def _peer_guess(self, s: Search) -> int | None:
         """The lowest limit the other mixtures' trials predict for `s`'s cap, less a margin."""
+        setup = tuple(s.setup.values())
         guesses = [
             self._predict(points, s.cap_gb)
-            for (model, loss, impl), points in self.points.items()
-            if model == s.model and impl == s.impl and loss != s.loss
+            for (model, loss, *other), points in self.points.items()
+            if model == s.model and tuple(other) == setup and loss != s.loss
         ]
         guesses = [g for g in guesses if g is not None]
         return int(min(guesses) * (1 - PEER_MARGIN)) if guesses else None
@@ -182,8 +200,9 @@ class Searcher:
             too_big = row.get("oom_stage") == "build"  # then no length can train
             for other in self.searches:
                 # The build does not depend on the loss: a model too big for this cap is
-                # too big for every mixture and impl under it.
-                related = other.model == s.model if too_big else other.group == s.group
+                # too big for every mixture and impl of its backend under it.
+                same_build = (other.model, other.backend) == (s.model, s.backend)
+                related = same_build if too_big else other.group == s.group
                 if related and other.cap_gb <= s.cap_gb:
                     bound = self.granularity if too_big else tokens
                     other.hi = bound if other.hi is None else min(other.hi, bound)
@@ -200,9 +219,9 @@ class Searcher:
         Args:
             rows: the earlier rows, their `loss` in today's text form (`earlier_rows`).
         """
-        earlier = {(r.get("model"), r.get("loss"), r.get("impl"), r.get("cap_gb")): r for r in rows}
+        earlier = {row_key(r): r for r in rows}
         for s in self.searches:
-            row = earlier.get((s.model, s.loss, s.impl, s.cap_gb))
+            row = earlier.get(s.key)
             if row is None or row.get("error"):
                 continue
             if row.get("measured_tokens") and row.get("model_mb") is not None:
@@ -220,7 +239,8 @@ def earlier_rows(args: argparse.Namespace, device: torch.device) -> list[dict[st
 
     Rows written with the older `a:0.6+b:0.4` text form of a mixture are read too; their
     `loss` comes back in today's form, so they match this run's searches and are written
-    again in it.
+    again in it. Rows without the setup keys get `EARLIER_SETUP`'s values, what their
+    trials ran with.
 
     Args:
         args: the parsed `benchmarks.max_context` flags (resume, models, layers,
@@ -241,6 +261,8 @@ def earlier_rows(args: argparse.Namespace, device: torch.device) -> list[dict[st
         raise SystemExit(f"--resume {args.resume} is not a JSON file of rows: {error}") from error
     here = {"device": common.device_name(device), "granularity": args.granularity}
     for row in rows:
+        for key, value in EARLIER_SETUP.items():
+            row.setdefault(key, value)
         if isinstance(row.get("loss"), str):
             try:
                 row["loss"] = common.read_losses_label(row["loss"])
@@ -284,6 +306,7 @@ def search_row(
         impl=s.impl,
         loss=s.loss,
         tokens=s.lo,
+        **{key: value for key, value in s.setup.items() if key != "impl"},
         vocab=spec["vocab_size"],
         hidden=spec["hidden_size"],
         dtype=WEIGHTS,

@@ -2,16 +2,24 @@
 train one optimizer step at a given length, in a fresh process.
 
 A model of real architecture (Llama-3.1-8B or Qwen2.5-7B shapes, from the config dicts
-below; nothing is downloaded) gets random weights, its decoder layers quantized to 4-bit
-NF4 with bitsandbytes (double quantization, bf16 compute), embeddings, norms and head
-frozen in bf16, LoRA from peft on every attention and MLP projection
-(`qseg.models.LoraSettings` defaults) and non-reentrant gradient checkpointing, as
-`qseg.models.load_model` sets it up; the step runs under bf16 autocast as `qseg train`
-runs it. Batch 1, labels from a Zipf law with 10% ignored. The process caps its CUDA
-memory with `torch.cuda.set_per_process_memory_fraction(cap / card memory)`, builds the
-model layer by layer under that cap, and runs one AdamW step:
+below; nothing is downloaded) gets random weights. With the `transformers` backend its
+decoder layers are quantized to 4-bit NF4 with bitsandbytes (double quantization, bf16
+compute), embeddings, norms and head frozen in bf16, LoRA from peft on every attention
+and MLP projection (rank `lora_r`, `qseg.models.LoraSettings`' other defaults) and
+non-reentrant gradient checkpointing, as `qseg.models.load_model` sets it up; with
+`offload_activations` each checkpointed layer's input waits in pinned CPU memory
+(`qseg.models.offload`). On a CPU there is no other memory to offload to: as `qseg train`
+does, the trial then trains without it, and its row says `offload_activations` False.
+With the `unsloth` backend the model is loaded from its saved random-weight checkpoint
+by unsloth (`benchmarks.context_models`), whose checkpointing always offloads.
+The step runs under bf16 autocast as `qseg train` runs it. Batch 1, labels from a Zipf
+law with 10% ignored. The process caps its CUDA memory with
+`torch.cuda.set_per_process_memory_fraction(cap / card memory)`, builds the model under
+that cap, and runs one AdamW step:
 - `qseg`: decoder hidden states -> `qseg.losses.FusedLinearLoss` on the head (chunk "auto");
-- `naive`: the model's full logits -> `qseg.losses.loss_from_logits`.
+- `naive`: the model's full logits -> `qseg.losses.loss_from_logits`;
+- `unsloth`: the model's own loss (`model(input_ids, labels=...).loss`), unsloth's fused
+  cross-entropy, as its trainer computes it.
 The cap counts PyTorch's allocations only; a real card of that size also holds the CUDA
 context, so its limit sits slightly lower.
 
@@ -22,6 +30,7 @@ a trial that runs out of memory or crashes leaves nothing behind for the next on
 from __future__ import annotations
 
 import contextlib
+import statistics
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -30,59 +39,10 @@ import torch
 from torch import nn
 
 from benchmarks import common
+from benchmarks.context_models import MODELS, WEIGHTS, checkpoint_folder, load_unsloth_model
 from qseg.loss_text import parse_losses
 
 GiB = 1 << 30
-# Configs of the published models (config.json of meta-llama/Llama-3.1-8B and
-# Qwen/Qwen2.5-7B), written out so nothing is downloaded; tiny-llama is for CPU checks.
-MODELS: dict[str, dict[str, Any]] = {
-    "llama3.1-8b": dict(
-        model_type="llama",
-        vocab_size=128256,
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        max_position_embeddings=131072,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=False,
-        rope_parameters={
-            "rope_type": "llama3",
-            "rope_theta": 500000.0,
-            "factor": 8.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 8192,
-        },
-    ),
-    "qwen2.5-7b": dict(
-        model_type="qwen2",
-        vocab_size=152064,
-        hidden_size=3584,
-        intermediate_size=18944,
-        num_hidden_layers=28,
-        num_attention_heads=28,
-        num_key_value_heads=4,
-        max_position_embeddings=32768,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=False,
-        use_sliding_window=False,
-        rope_parameters={"rope_type": "default", "rope_theta": 1e6},
-    ),
-    "tiny-llama": dict(
-        model_type="llama",
-        vocab_size=2048,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-        tie_word_embeddings=False,
-    ),
-}
-WEIGHTS = "nf4, bf16 embeddings and head"  # the `dtype` column
 
 
 @contextlib.contextmanager
@@ -137,7 +97,9 @@ def quantize_linears(module: nn.Module, device: torch.device) -> None:
         setattr(module, name, layer)
 
 
-def build_model(name: str, layers: int | None, device: torch.device) -> nn.Module:
+def build_model(
+    name: str, layers: int | None, device: torch.device, lora_r: int, offload: bool
+) -> tuple[nn.Module, int]:
     """The QLoRA model of `name` with random weights, built layer by layer on `device`.
 
     The skeleton is made on the meta device; each decoder layer is then created for real
@@ -148,14 +110,18 @@ def build_model(name: str, layers: int | None, device: torch.device) -> nn.Modul
         name: a key of `MODELS`.
         layers: build only this many decoder layers; None builds them all.
         device: where the model is built and its decoder layers quantized.
+        lora_r: the LoRA rank.
+        offload: keep checkpointed layer inputs in CPU memory (on a GPU only).
 
     Returns:
-        The peft model in train mode, LoRA weights trainable, everything else frozen.
+        The peft model in train mode, LoRA weights trainable, everything else frozen, and
+        how many layers offload their input.
     """
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from qseg.models import CHECKPOINTING_KWARGS, LoraSettings, decoder_of
+    from qseg.models.offload import enable_offloaded_checkpointing
 
     spec = dict(MODELS[name])
     if layers is not None:
@@ -179,7 +145,9 @@ def build_model(name: str, layers: int | None, device: torch.device) -> nn.Modul
         raise RuntimeError(f"parts of the model were never built: {left_on_meta[:5]}")
     model.requires_grad_(False)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=CHECKPOINTING_KWARGS)
-    lora = LoraSettings()
+    # After checkpointing is enabled: offloading replaces the layers' checkpoint function.
+    offloaded = enable_offloaded_checkpointing(model) if offload and device.type == "cuda" else 0
+    lora = LoraSettings(r=lora_r)
     config = LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
@@ -188,7 +156,8 @@ def build_model(name: str, layers: int | None, device: torch.device) -> nn.Modul
         bias="none",
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, config).train()  # train mode: checkpointing and dropout on
+    # Train mode: checkpointing and dropout on.
+    return get_peft_model(model, config).train(), offloaded
 
 
 def train_step(
@@ -203,7 +172,8 @@ def train_step(
     Args:
         model: from `build_model`.
         optimizer: over the model's trainable parameters.
-        case: the trial's case; `loss` is the losses' text form, `impl` qseg or naive.
+        case: the trial's case; `loss` is the losses' text form, `impl` qseg, naive or
+            unsloth.
         labels: (1, T) token ids, IGNORE_INDEX where ignored.
         ids: (1, T) input ids.
     """
@@ -214,11 +184,19 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     # As `qseg train` runs on a GPU: the model under bf16 autocast, the loss outside it.
     with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=ids.is_cuda):
-        if case["impl"] == "naive":
+        if case["impl"] == "unsloth":
+            # The model shifts labels left by one; shifted right here, every position
+            # predicts the same token as on qseg's path.
+            ignored = labels.new_full((1, 1), common.IGNORE_INDEX)
+            shifted = torch.cat([ignored, labels[:, :-1]], dim=1)
+            outputs = model(input_ids=ids, labels=shifted, use_cache=False).loss
+        elif case["impl"] == "naive":
             outputs = model(input_ids=ids, use_cache=False).logits
         else:
             outputs = backbone_hidden_states(model, ids)
-    if case["impl"] == "naive":
+    if case["impl"] == "unsloth":
+        loss = outputs
+    elif case["impl"] == "naive":
         loss = loss_from_logits(outputs, labels, losses)
     else:
         loss = FusedLinearLoss(losses, chunk_size="auto")(outputs, output_head(model), labels)
@@ -231,7 +209,7 @@ def trial_case(
     device: torch.device,
     model: str,
     loss: str,
-    impl: str,
+    setup: dict[str, Any],
     cap_gb: float | None,
     tokens: int,
 ) -> dict[str, Any]:
@@ -242,7 +220,8 @@ def trial_case(
         device: where the trial runs.
         model: a key of `MODELS`.
         loss: the losses' text form, e.g. `cross_entropy:0.6,lovasz:0.4`.
-        impl: "qseg" or "naive".
+        setup: backend, impl, lora_r and offload_activations
+            (`benchmarks.context_setups.SETUP_KEYS`).
         cap_gb: the memory cap; None for none (CPU).
         tokens: the sequence length to train at.
 
@@ -253,12 +232,17 @@ def trial_case(
         model=model,
         layers=args.layers,
         loss=loss,
-        impl=impl,
+        **setup,
         cap_gb=cap_gb,
         tokens=tokens,
         device=str(device),
         seed=args.seed,
         threads=args.threads,
+        steps=args.steps,
+        # Where unsloth loads the shape from (`context_models.save_checkpoint` writes it).
+        checkpoint=str(checkpoint_folder(model, args.layers))
+        if setup["backend"] == "unsloth"
+        else None,
     )
 
 
@@ -269,8 +253,10 @@ def run_trial(case: dict[str, Any]) -> dict[str, Any]:
         case: from `trial_case`.
 
     Returns:
-        The trial's row: `status` "ok" with `peak_mb` (added by the step), `total_peak_mb`,
-        `model_mb` and `ms`, or "oom" with `oom_stage` ("build" or "step").
+        The trial's row: `status` "ok" with `peak_mb` (added by the steps), `total_peak_mb`,
+        `model_mb` and `ms` (the first step's), with more than one step `step_ms` (the
+        median of the later ones) and `tokens_per_s`; or "oom" with `oom_stage` ("build"
+        or "step"). `offload_activations` says whether layer inputs did wait in CPU memory.
     """
     device = torch.device(case["device"])
     spec = MODELS[case["model"]]
@@ -278,6 +264,9 @@ def run_trial(case: dict[str, Any]) -> dict[str, Any]:
         impl=case["impl"],
         loss=case["loss"],
         tokens=case["tokens"],
+        backend=case["backend"],
+        lora_r=case["lora_r"],
+        offload_activations=case["offload_activations"],
         vocab=spec["vocab_size"],
         hidden=spec["hidden_size"],
         dtype=WEIGHTS,
@@ -298,16 +287,34 @@ def run_trial(case: dict[str, Any]) -> dict[str, Any]:
     ids = labels.clamp(min=0).roll(1, dims=1)  # inputs: the labels shifted right, as in text
     stage = "build"
     try:
-        model = build_model(case["model"], case["layers"], device)
+        if case["backend"] == "unsloth":
+            model = load_unsloth_model(case["checkpoint"], case["lora_r"], case["tokens"])
+        else:
+            model, offloaded = build_model(
+                case["model"], case["layers"], device, case["lora_r"], case["offload_activations"]
+            )
+            row["offload_activations"] = offloaded > 0
+            if case["offload_activations"] and not offloaded:
+                row["note"] = "no GPU: nothing to offload to, trained without offloading"
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
         labels, ids = labels.to(device), ids.to(device)
         stage = "step"
         row["model_mb"] = _allocated_mb(device)
-        start = time.perf_counter()
-        row["peak_mb"] = common.peak_added_mb(
-            lambda: train_step(model, optimizer, case, labels, ids), device
-        )
-        row["ms"] = (time.perf_counter() - start) * 1e3
+        times = []
+
+        def steps() -> None:
+            for _ in range(case.get("steps", 1)):
+                start = time.perf_counter()
+                train_step(model, optimizer, case, labels, ids)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                times.append(time.perf_counter() - start)
+
+        row["peak_mb"] = common.peak_added_mb(steps, device)
+        row["ms"] = times[0] * 1e3
+        if len(times) > 1:  # the first step warms up (compilation, cuBLAS): left out
+            row["step_ms"] = statistics.median(times[1:]) * 1e3
+            row["tokens_per_s"] = case["tokens"] / statistics.median(times[1:])
         row["total_peak_mb"] = _total_peak_mb(device)
         row["status"] = "ok"
     except (RuntimeError, torch.OutOfMemoryError) as error:

@@ -2,39 +2,60 @@
 
 Each trial builds a 4-bit QLoRA model of a real architecture (Llama-3.1-8B or Qwen2.5-7B
 shapes, random weights, nothing downloaded) in a fresh process under a CUDA memory cap
-and trains one step at one length, with `qseg` (hidden states -> fused loss on the head)
-or `naive` (full logits -> the loss): `benchmarks/context_trial.py` says how.
+and trains one step at one length: `benchmarks/context_trial.py` says how. Its setup:
+- `--backends`: `transformers` (bitsandbytes and peft, as `qseg.models.load_model`) and/or
+  `unsloth` (its FastLanguageModel, from a random-weight checkpoint of the shape saved
+  once and reused across calls: `benchmarks/context_models.py`);
+- `--impls`: `qseg` (hidden states -> fused loss on the head) and `naive` (full logits ->
+  the loss) on transformers; `qseg` and `unsloth` (unsloth's own fused cross-entropy, the
+  bar qseg is held to; cross-entropy only) on unsloth;
+- `--lora-r`: the LoRA ranks;
+- `--offload-activations`: transformers keeps checkpointed layer inputs in CPU memory
+  (on a GPU; a CPU trial trains without it and its row says so). unsloth's own
+  checkpointing always offloads, so its rows say `offload_activations` true.
+Every row names `backend`, `impl`, `lora_r` and `offload_activations`. Where unsloth
+cannot run (no CUDA GPU, not installed) its rows are skipped rows saying why.
 
-Search: per (mixture, impl, cap), the longest length (a multiple of `--granularity`) that
-trains, to within `--resolution`; each trial's peak predicts the next probe
+Search: per (mixture, setup, cap), the longest length (a multiple of `--granularity`)
+that trains, to within `--resolution`; each trial's peak predicts the next probe
 (`benchmarks/context_search.py`). Searches take turns; with `--time-budget` no trial
-starts after it, and rows report the bracket they have (`converged` false). Up to
-`--jobs` trials share the card, as long as their caps fit on it together. `unsloth` (if
-asked for) gives a skipped row: it builds models from pretrained checkpoints only.
-Mixtures are written as on `qseg train --loss`: `cross_entropy:0.6,lovasz:0.4`.
+starts after it (the unsloth checkpoint's first save counts in it), and rows report the
+bracket they have (`converged` false). Up to `--jobs` trials share the card, as long as
+their caps fit on it together. Mixtures are written as on `qseg train --loss`:
+`cross_entropy:0.6,lovasz:0.4`.
 
 Rows: `tokens` is the longest length that trained, `oom_tokens` the shortest that ran
 out of memory (None: none did), `timeout_tokens` the shortest whose trial ran past
 `--trial-timeout` (it bounds the search too, and the row is then not `converged`),
 `peak_mb` the memory the step added at `measured_tokens` (the cap's own longest fitting
 trial) and `total_peak_mb` the whole process's peak then; `vs_naive` and `vs_ce` divide
-`tokens` by naive's (same mixture) and by cross-entropy's. `ms` is that one step's wall
-time, first-call warm-up (torch.compile, cuBLAS) and concurrent trials on the card
-included: a sign of cost, not a speed comparison (`benchmarks.loss_memory` compares speed).
+`tokens` by naive's (same mixture and setup, transformers), by cross-entropy's (same
+setup) and `vs_unsloth` by unsloth's own path's (same cap and LoRA r). `ms` is that one
+step's wall time, first-call warm-up (torch.compile, cuBLAS) and concurrent trials on the
+card included: a sign of cost, not a speed comparison.
 
 `--resume FILE` seeds the brackets with an earlier run's rows (same card, model, layers
 and granularity), so a search cut short by `--time-budget` goes on where it stopped: with
 device time scarce, two short calls add up to one long one. The earlier rows of searches
 this run does not make (other caps, mixtures or impls) are kept in its output as they
-were (failed ones are not). `--resume-if-same-card` sets aside, instead of refusing, a
-file searched on another card, so scripts can resume committed results on whatever card.
+were (failed ones are not); rows written before rows named their setup are read as
+transformers, LoRA r 8, no offloading, what they ran. `--resume-if-same-card` sets aside,
+instead of refusing, a file searched on another card, so scripts can resume committed
+results on whatever card.
 
-On CPU there is no cap to search: `--device cpu` runs one trial per (mixture, impl) at
-`--tokens` and reports its memory and time, so the path is exercised without a GPU.
+`--tokens` runs no search: one trial per (mixture, setup, length), without a cap, and
+with `--steps N` its `tokens_per_s` over the steps after the first (the speed of a setup,
+e.g. offloading on vs off, at a length both fit). On CPU there is no cap to search:
+`--device cpu` always runs so (at 512 tokens by default), so the path is exercised
+without a GPU.
 
     python benchmarks/max_context.py --device cuda --caps 16 24 --out max_context.json
     python benchmarks/max_context.py --device cuda --caps 16 24 --resume max_context.json \
         --out max_context.json --overwrite
+    python benchmarks/max_context.py --device cuda --backends unsloth --impls qseg unsloth \
+        --lora-r 32 --caps 16 --out unsloth.json
+    python benchmarks/max_context.py --device cuda --tokens 8192 --steps 4 \
+        --offload-activations --out offload_speed.json
     python benchmarks/max_context.py --device cpu --quick
 """
 
@@ -56,16 +77,28 @@ if not __package__:  # run as `python benchmarks/max_context.py`: import from th
 import torch
 
 from benchmarks import common
+from benchmarks.context_models import MODELS, save_checkpoint
 from benchmarks.context_search import Search, Searcher, earlier_rows, search_row
-from benchmarks.context_trial import MODELS, WEIGHTS, GiB, run_trial, trial_case
+from benchmarks.context_setups import (
+    BACKEND_IMPLS,
+    IMPLS,
+    add_ratios,
+    row_key,
+    runnable,
+    unsloth_missing,
+    unsloth_rows,
+)
+from benchmarks.context_trial import GiB, run_trial, trial_case
 
 MODULE = "benchmarks.max_context"  # the trials' worker: this module with --case
 MIXES = ("cross_entropy", "lovasz", "cross_entropy:0.6,generalized_dice:0.4")
-IMPLS = ("qseg", "naive", "unsloth")
 COLUMNS = (
     "model",
     "layers",
+    "backend",
     "impl",
+    "lora_r",
+    "offload_activations",
     "loss",
     "cap_gb",
     "tokens",
@@ -75,8 +108,10 @@ COLUMNS = (
     "peak_mb",
     "total_peak_mb",
     "ms",
+    "tokens_per_s",
     "vs_naive",
     "vs_ce",
+    "vs_unsloth",
 )
 # Memory a concurrent trial holds outside its cap (CUDA context, cuBLAS, bitsandbytes).
 TRIAL_OVERHEAD_GB = 1.5
@@ -93,14 +128,16 @@ def search_all(args: argparse.Namespace, device: torch.device) -> list[dict[str,
         One row per search (`context_search.search_row`), then the `--resume` file's rows
         of searches this run does not make.
     """
+    deadline = time.monotonic() + args.time_budget
     searches = [
-        Search(model, loss, impl, cap)
+        Search(model=model, loss=loss, cap_gb=cap, **setup)
         for model in args.models
-        for loss in args.mixes
-        for impl in args.impls
-        if impl != "unsloth"
+        for loss, setup in runnable(args, device)
         for cap in sorted(args.caps)
     ]
+    for model in sorted({s.model for s in searches if s.backend == "unsloth"}):
+        folder, written = save_checkpoint(model, args.layers, device)
+        print(f"{model}: unsloth loads {folder} ({'saved now' if written else 'reused'})")
     searcher = Searcher(
         args.granularity, args.max_tokens, args.start_tokens, searches, args.resolution
     )
@@ -109,16 +146,15 @@ def search_all(args: argparse.Namespace, device: torch.device) -> list[dict[str,
     if args.resume is not None:
         earlier = earlier_rows(args, device)
         searcher.resume(earlier)
-        now = {(s.model, s.loss, s.impl, s.cap_gb) for s in searches}
+        now = {s.key for s in searches}
         kept = [
             r
             for r in earlier
             if r.get("cap_gb") is not None
             and not r.get("error")  # an old failure must not fail every later run
-            and (r.get("model"), r.get("loss"), r.get("impl"), r["cap_gb"]) not in now
+            and row_key(r) not in now
         ]
     card_gb = torch.cuda.get_device_properties(device).total_memory / GiB
-    deadline = time.monotonic() + args.time_budget
     running: dict[Future, Search] = {}
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         while True:
@@ -133,7 +169,7 @@ def search_all(args: argparse.Namespace, device: torch.device) -> list[dict[str,
                 if tokens is None:
                     continue
                 s.busy = True
-                case = trial_case(args, device, s.model, s.loss, s.impl, s.cap_gb, tokens)
+                case = trial_case(args, device, s.model, s.loss, s.setup, s.cap_gb, tokens)
                 running[pool.submit(common.run_isolated, MODULE, case, args.trial_timeout)] = s
             if not running:
                 break
@@ -150,7 +186,8 @@ def search_all(args: argparse.Namespace, device: torch.device) -> list[dict[str,
 
 
 def _progress(s: Search, row: dict[str, Any]) -> str:
-    what = f"{s.model} {s.impl:>5} {s.loss:<40} cap {s.cap_gb:g} GB, {row['tokens']:>6} tokens"
+    setup = f"{s.backend} {s.impl} r {s.lora_r}{' offload' if s.offload_activations else ''}"
+    what = f"{s.model} {setup} {s.loss:<40} cap {s.cap_gb:g} GB, {row['tokens']:>6} tokens"
     status = row.get("status") or row.get("error")
     if status == "ok":
         status = f"ok, {row['total_peak_mb']:.0f} MiB peak, {row['ms']:.0f} ms"
@@ -158,82 +195,28 @@ def _progress(s: Search, row: dict[str, Any]) -> str:
     return f"{what}: {status}  -> [{s.lo}, {top if top is not None else '?'})"
 
 
-def run_cpu(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
-    """One trial per (model, mixture, impl, tokens): the path runs; no cap is emulated.
-
-    Args:
-        args: the parsed flags.
-        device: the CPU.
-
-    Returns:
-        The trials' rows.
-    """
-    rows = []
-    impls = [i for i in args.impls if i != "unsloth"]
-    for model, loss, impl, tokens in itertools.product(args.models, args.mixes, impls, args.tokens):
-        case = trial_case(args, device, model, loss, impl, None, tokens)
-        row = common.run_isolated(MODULE, case, args.trial_timeout)
-        print(f"{model} {impl} {loss} {tokens} tokens: {row.get('status') or row.get('error')}")
-        rows.append(row)
-    return rows
-
-
-def unsloth_rows(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
-    """Skipped rows for `--impls unsloth`, one per (model, mixture), saying why.
+def run_lengths(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
+    """One trial per (model, mixture, setup, length in --tokens), without a cap.
 
     Args:
         args: the parsed flags.
         device: the device of the run.
 
     Returns:
-        The rows.
+        The trials' rows.
     """
-    reason = (
-        "unsloth builds models only from pretrained checkpoints (FastLanguageModel."
-        "from_pretrained); these random-weight models are built with transformers"
-    )
     rows = []
-    for model in args.models:
-        for loss in args.mixes:
-            spec = MODELS[model]
-            case = dict(
-                impl="unsloth",
-                loss=loss,
-                vocab=spec["vocab_size"],
-                hidden=spec["hidden_size"],
-                dtype=WEIGHTS,
-            )
-            rows.append(
-                {
-                    **common.skipped_row(case, reason),
-                    "device": common.device_name(device),
-                    "model": model,
-                }
-            )
+    pairs = runnable(args, device)
+    if any(setup["backend"] == "unsloth" for _, setup in pairs):
+        for model in args.models:
+            save_checkpoint(model, args.layers, device)
+    for model, (loss, setup), tokens in itertools.product(args.models, pairs, args.tokens):
+        case = trial_case(args, device, model, loss, setup, None, tokens)
+        row = common.run_isolated(MODULE, case, args.trial_timeout)
+        what = f"{model} {setup['backend']} {setup['impl']} r {setup['lora_r']} {loss}"
+        print(f"{what}, {tokens} tokens: {row.get('status') or row.get('error')}")
+        rows.append(row)
     return rows
-
-
-def add_ratios(rows: list[dict[str, Any]]) -> None:
-    """Add vs_naive (tokens / naive's, same mixture) and vs_ce (tokens / cross-entropy's,
-    same impl) to the measured rows of a cap.
-
-    Args:
-        rows: changed in place.
-    """
-    found = {
-        (r["model"], r.get("cap_gb"), r["impl"], r["loss"]): r for r in rows if common.measured(r)
-    }
-    for row in rows:
-        if not common.measured(row) or not row["tokens"] or row.get("cap_gb") is None:
-            continue
-        key = (row["model"], row.get("cap_gb"))
-        for name, impl, loss in (
-            ("vs_naive", "naive", row["loss"]),
-            ("vs_ce", row["impl"], "cross_entropy"),
-        ):
-            ref = found.get((*key, impl, loss))
-            if ref is not None and ref is not row and ref["tokens"]:
-                row[name] = row["tokens"] / ref["tokens"]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -261,8 +244,36 @@ def main(argv: list[str] | None = None) -> None:
         metavar="MIX",
         help="losses: a name or name:weight,name:weight (as qseg train --loss)",
     )
-    parser.add_argument("--impls", nargs="+", default=["qseg", "naive"], choices=IMPLS)
-    parser.add_argument("--tokens", nargs="+", type=common.positive_int, help="CPU: trial lengths")
+    parser.add_argument(
+        "--backends", nargs="+", default=["transformers"], choices=list(BACKEND_IMPLS)
+    )
+    parser.add_argument(
+        "--impls",
+        nargs="+",
+        default=["qseg", "naive"],
+        choices=IMPLS,
+        help="naive runs on transformers, unsloth (its own loss) on unsloth, qseg on both",
+    )
+    parser.add_argument(
+        "--lora-r", nargs="+", type=common.positive_int, default=[8], help="LoRA ranks"
+    )
+    parser.add_argument(
+        "--offload-activations",
+        action="store_true",
+        help="transformers: checkpointed layer inputs wait in CPU memory (GPU only)",
+    )
+    parser.add_argument(
+        "--tokens",
+        nargs="+",
+        type=common.positive_int,
+        help="no search: one trial per length, without a cap (the CPU always runs so)",
+    )
+    parser.add_argument(
+        "--steps",
+        type=common.positive_int,
+        default=1,
+        help="optimizer steps per trial; from 2, rows give tokens_per_s after the first",
+    )
     parser.add_argument(
         "--granularity", type=common.positive_int, default=512, help="lengths are multiples"
     )
@@ -299,6 +310,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    for impl in args.impls:
+        if not any(impl in BACKEND_IMPLS[backend] for backend in args.backends):
+            runs_on = [b for b, impls in BACKEND_IMPLS.items() if impl in impls]
+            parser.error(f"--impls {impl} runs on --backends {' or '.join(runs_on)}")
 
     if args.case:
         common.emit_row(run_trial(json.loads(args.case)))
@@ -306,14 +321,15 @@ def main(argv: list[str] | None = None) -> None:
     device = common.resolve_device(args.device)
     if args.models is None:
         args.models = ["tiny-llama"] if args.quick or device.type == "cpu" else ["llama3.1-8b"]
-    if args.tokens is None:
+    if args.tokens is None and device.type == "cpu":
         args.tokens = [64] if args.quick else [512]
     common.check_out_path(args.out, args.overwrite)
-    if args.resume is not None and (device.type != "cuda" or not args.resume.is_file()):
+    if args.resume is not None and (args.tokens or not args.resume.is_file()):
         raise SystemExit(f"--resume {args.resume}: give the JSON file of an earlier CUDA search")
-    rows = run_cpu(args, device) if device.type == "cpu" else search_all(args, device)
-    if "unsloth" in args.impls:
-        rows += unsloth_rows(args, device)
+    rows = run_lengths(args, device) if args.tokens else search_all(args, device)
+    reason = unsloth_missing(device)
+    if reason is not None and "unsloth" in args.backends:
+        rows += unsloth_rows(args, device, reason)
     add_ratios(rows)
     print(f"\ndevice: {common.device_name(device)}; torch {torch.__version__}")
     reduced = {r["model"]: r["layers"] for r in rows if r.get("layers") != r.get("full_layers")}

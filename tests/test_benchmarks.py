@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import common, context_search, max_context
+from benchmarks import common, context_search, context_setups, max_context
 from benchmarks.context_search import Search, Searcher
 
 REPO = Path(__file__).resolve().parents[1]
@@ -174,17 +174,54 @@ def test_autotune_quick(tmp_path: Path) -> None:
 
 
 def test_max_context_cpu_trial(tmp_path: Path) -> None:
+    """Trials of both impls, two LoRA ranks and offloading asked for: on a CPU there is no
+    other memory to offload to, so the trials train without it and their rows say so.
+    unsloth's rows are skipped rows (it needs a CUDA GPU)."""
     out = tmp_path / "max_context.json"
     mix = "cross_entropy:0.6,generalized_dice:0.4"
     run_script(
-        "benchmarks.max_context", "--device", "cpu", "--quick", "--mixes", mix, "--out", str(out)
-    )
+        "benchmarks.max_context", "--device", "cpu", "--quick", "--mixes", mix, "--out", str(out),
+        "--lora-r", "8", "32", "--offload-activations", "--steps", "2",
+        "--backends", "transformers", "unsloth", "--impls", "qseg", "naive", "unsloth",
+    )  # fmt: skip
     rows = load_rows(out)
-    assert {r["impl"] for r in rows} == {"qseg", "naive"}
-    for row in rows:
+    trained = [r for r in rows if r["backend"] == "transformers"]
+    assert sorted((r["impl"], r["lora_r"]) for r in trained) == [
+        ("naive", 8), ("naive", 32), ("qseg", 8), ("qseg", 32)
+    ]  # fmt: skip
+    for row in trained:
         assert row["status"] == "ok" and row["loss"] == mix and row["model"] == "tiny-llama"
         assert row["cap_gb"] is None  # CPU runs one trial, no emulated cap
         assert row["total_peak_mb"] >= row["peak_mb"] > 0
+        assert row["offload_activations"] is False and "no GPU" in row["note"]
+        assert row["tokens_per_s"] == pytest.approx(row["tokens"] / row["step_ms"] * 1e3)
+    skipped = [r for r in rows if r["backend"] == "unsloth"]
+    assert len(skipped) == 4 and all("CUDA GPU" in r["skipped"] for r in skipped)
+
+
+def test_the_unsloth_checkpoint_is_saved_once_and_reused(tmp_path, monkeypatch) -> None:
+    from transformers import AutoConfig
+
+    from benchmarks import context_models
+
+    monkeypatch.setenv("QSEG_CACHE", str(tmp_path))
+    folder = context_models.checkpoint_folder("tiny-llama", None)
+    # A save cut short leaves a temporary folder: never taken for the checkpoint.
+    partial = folder.parent / f".{folder.name}.partial-1"
+    partial.mkdir(parents=True)
+    (partial / "config.json").write_text("{")
+    cpu = torch.device("cpu")
+    assert context_models.save_checkpoint("tiny-llama", None, cpu) == (folder, True)
+    config = AutoConfig.from_pretrained(folder)
+    assert (config.num_hidden_layers, config.vocab_size) == (2, 2048)
+    assert (folder / "tokenizer.json").is_file() and list(folder.glob("*.safetensors"))
+    written = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    assert context_models.save_checkpoint("tiny-llama", None, cpu) == (folder, False)
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == written
+    # Another layer count is another checkpoint.
+    one_layer = context_models.checkpoint_folder("tiny-llama", 1)
+    assert one_layer != folder and not one_layer.exists()
+    assert not list(folder.parent.glob(f".{folder.name}.partial-{os.getpid()}"))
 
 
 def test_existing_output_is_not_overwritten(tmp_path: Path) -> None:
@@ -482,6 +519,8 @@ def test_the_memory_call_starts_from_a_reset(monkeypatch) -> None:
         ("autotune", ["--sizes", "64", "-1"], "--sizes: expected a positive integer"),
         ("max_context", ["--mixes", "cross_entropy:0.6,lovsz:0.4"], "unknown loss 'lovsz'"),
         ("max_context", ["--caps", "0"], "--caps: expected a positive number"),
+        ("max_context", ["--impls", "unsloth"], "--impls unsloth runs on --backends unsloth"),
+        ("max_context", ["--lora-r", "0"], "--lora-r: expected a positive integer"),
     ],
 )
 def test_bad_flags_are_refused_before_any_case_runs(module, argv, message, capsys) -> None:
@@ -526,6 +565,88 @@ def test_old_rows_mixtures_are_read_and_written_in_today_s_form(tmp_path: Path) 
     assert (search.lo, search.hi, search.trials) == (8192, 8704, 3) and searcher.done(search)
 
 
+def test_rows_without_setup_keys_resume_as_transformers_r8_without_offloading(tmp_path):
+    """Rows written before rows named their setup seed only the searches of that setup."""
+    old = dict(
+        model="tiny-llama", loss="cross_entropy", impl="qseg", cap_gb=16, device="cpu",
+        granularity=512, layers=2, tokens=8192, oom_tokens=8704, measured_tokens=8192,
+        model_mb=100.0, peak_mb=1.0, total_peak_mb=101.0, ms=1.0, trials=3,
+    )  # fmt: skip
+    args = argparse.Namespace(
+        models=["tiny-llama"], layers=None, granularity=512, resume=tmp_path / "old.json",
+        resume_if_same_card=False,
+    )  # fmt: skip
+    args.resume.write_text(json.dumps([old]))
+    args.resolution, args.jobs, args.max_tokens = 0.05, 1, 131072
+    rows = context_search.earlier_rows(args, torch.device("cpu"))
+    assert rows[0]["backend"] == "transformers" and rows[0]["lora_r"] == 8
+    assert rows[0]["offload_activations"] is False
+    same = Search("tiny-llama", "cross_entropy", "qseg", 16)
+    others = [
+        Search("tiny-llama", "cross_entropy", "qseg", 16, lora_r=32),
+        Search("tiny-llama", "cross_entropy", "qseg", 16, offload_activations=True),
+        Search("tiny-llama", "cross_entropy", "qseg", 16, backend="unsloth"),
+    ]
+    searcher = Searcher(512, 131072, 4096, [same, *others], resolution=0.05)
+    searcher.resume(rows)
+    assert (same.lo, same.hi, same.trials) == (8192, 8704, 3)
+    assert all((s.lo, s.hi, s.trials) == (0, None, 0) for s in others)
+    written = context_search.search_row(same, searcher, torch.device("cpu"), args)
+    assert context_setups.row_key(written) == context_setups.row_key(old) == same.key
+
+
+def test_unsloth_searches_on_a_simulated_card_share_one_checkpoint(tmp_path, monkeypatch):
+    """With unsloth available: its checkpoint is saved once per shape before the trials,
+    its trials say where it is, and each row is compared with unsloth's own path."""
+    import types
+
+    from benchmarks import context_setups
+
+    saved, trials = [], []
+    per_token = {"qseg": 0.3, "unsloth": 0.32, "naive": 0.9}
+
+    def trial(module, case, timeout):
+        trials.append(case)
+        need = 5000.0 + per_token[case["impl"]] * case["tokens"]
+        row = dict(case, model_mb=5000.0)
+        if need > case["cap_gb"] * 1024:
+            return dict(row, status="oom", oom_stage="step")
+        return dict(row, status="ok", total_peak_mb=need, peak_mb=need - 5000.0, ms=1.0)
+
+    def save(name, layers, device):
+        saved.append(name)
+        return tmp_path / name, False
+
+    card = types.SimpleNamespace(total_memory=80 * 2**30)
+    monkeypatch.setenv("QSEG_CACHE", str(tmp_path))
+    monkeypatch.setattr(common, "run_isolated", trial)
+    monkeypatch.setattr(common, "resolve_device", lambda name: torch.device("cuda"))
+    monkeypatch.setattr(common, "device_name", lambda device: "Simulated 80 GB card")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: card)
+    monkeypatch.setattr(context_setups, "unsloth_missing", lambda device: None)
+    monkeypatch.setattr(max_context, "unsloth_missing", lambda device: None)
+    monkeypatch.setattr(max_context, "save_checkpoint", save)
+    out = tmp_path / "max_context.json"
+    max_context.main(
+        ["--caps", "16", "--mixes", "ce", "lovasz", "--backends", "unsloth",
+         "--impls", "qseg", "unsloth", "--lora-r", "32", "--out", str(out)]
+    )  # fmt: skip
+    rows = json.loads(out.read_text())
+    assert saved == ["llama3.1-8b"]
+    assert all(case["checkpoint"].startswith(str(tmp_path)) for case in trials)
+    assert {(r["impl"], r["loss"]) for r in rows} == {
+        ("qseg", "cross_entropy"), ("qseg", "lovasz"), ("unsloth", "cross_entropy")
+    }  # fmt: skip
+    own = next(r for r in rows if r["impl"] == "unsloth")
+    for row in rows:
+        assert (row["backend"], row["lora_r"], row["offload_activations"]) == ("unsloth", 32, True)
+    for row in rows:
+        if row is not own:
+            assert row["vs_unsloth"] == pytest.approx(row["tokens"] / own["tokens"])
+    assert "vs_unsloth" not in own
+    assert rows[0]["vs_unsloth"] > 1  # qseg's cross-entropy needs a little less here
+
+
 def scripts() -> list[str]:
     """The benchmarks a user runs: the modules with a `__main__` block."""
     found = sorted((REPO / "benchmarks").glob("*.py"))
@@ -558,7 +679,8 @@ def test_loss_aliases_become_canonical_names() -> None:
 
 def test_the_gpu_search_runs_end_to_end_on_a_simulated_card(tmp_path, monkeypatch, capsys):
     """`max_context.main` with CUDA and its trials simulated: concurrent trials, brackets
-    shared between caps, rows written as they come, ratios, and an unsloth row."""
+    shared between caps, rows written as they come, ratios, and unsloth rows (skipped here:
+    unsloth is not installed on the machine that runs the tests)."""
     import threading
     import types
 
@@ -581,11 +703,14 @@ def test_the_gpu_search_runs_end_to_end_on_a_simulated_card(tmp_path, monkeypatc
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: card)
     out = tmp_path / "max_context.json"
     argv = ["--caps", "16", "24", "--mixes", "ce", "lovasz", "--jobs", "4", "--out", str(out)]
-    max_context.main([*argv, "--impls", "qseg", "naive", "unsloth"])
+    max_context.main(
+        [*argv, "--backends", "transformers", "unsloth", "--impls", "qseg", "naive", "unsloth"]
+    )
 
     rows = json.loads(out.read_text())
-    searched = [r for r in rows if r["impl"] != "unsloth"]
-    assert len(searched) == 8 and len(rows) == 10
+    searched = [r for r in rows if r["backend"] != "unsloth"]
+    # unsloth: qseg per mixture, its own path with cross-entropy only.
+    assert len(searched) == 8 and len(rows) == 11
     for row in searched:
         limit = (row["cap_gb"] * 1024 - model_mb) / per_token[row["impl"]]
         assert row["converged"] and row["tokens"] <= limit < row["oom_tokens"]
@@ -594,7 +719,13 @@ def test_the_gpu_search_runs_end_to_end_on_a_simulated_card(tmp_path, monkeypatc
     qseg_ce = next(r for r in searched if r["impl"] == "qseg" and r["cap_gb"] == 24)
     naive_ce = next(r for r in searched if r["impl"] == "naive" and r["cap_gb"] == 24)
     assert qseg_ce["vs_naive"] == pytest.approx(qseg_ce["tokens"] / naive_ce["tokens"])
-    assert all("pretrained" in r["skipped"] for r in rows if r["impl"] == "unsloth")
+    skipped = [r for r in rows if r["backend"] == "unsloth"]
+    assert all("not installed" in r["skipped"] for r in skipped)
+    assert sorted((r["impl"], r["loss"]) for r in skipped) == [
+        ("qseg", "cross_entropy"), ("qseg", "lovasz"), ("unsloth", "cross_entropy")
+    ]  # fmt: skip
+    for row in rows:
+        assert row["lora_r"] == 8 and row["offload_activations"] == (row["backend"] == "unsloth")
     assert len(trials) <= 40  # predictions and shared brackets keep the search short
     assert "| model | layers |" in capsys.readouterr().out
 

@@ -21,6 +21,7 @@ from benchmarks import loss_memory
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = [
     "scripts/gpu_check.sh",
+    "scripts/gpu_context.sh",
     "scripts/gpu_kernels.sh",
     "scripts/gpu_max_context.sh",
     "scripts/gpu_sweep.sh",
@@ -31,7 +32,12 @@ SHELL_VALUES = {
     "${caps[*]}": "8 12 16 24",
     "$search": "420",
     '"${resume[@]}"': "--resume /tmp/earlier.json --resume-if-same-card",
+    "$mixes": "cross_entropy lovasz cross_entropy:0.6,generalized_dice:0.4",
+    '"$unsloth_file"': "/tmp/out/max_context_unsloth_gpu.json",
+    '"$offload_file"': "/tmp/out/max_context_offload_gpu.json",
 }
+# What a `$(resume_from FILE...)` gives when one of the files exists.
+RESUME_FROM = (r"\$\(resume_from [^)]*\)", "--resume /tmp/earlier.json --resume-if-same-card")
 
 
 class Parsed(Exception):
@@ -44,7 +50,7 @@ def benchmark_commands(script: str) -> list[tuple[str, list[str]]]:
     text = (REPO / script).read_text().replace("\\\n", " ")
     commands = []
     for match in re.finditer(r"python3 -m (benchmarks\.\w+)([^\n]*)", text):
-        args = match[2]
+        args = re.sub(*RESUME_FROM, match[2])
         for variable, value in SHELL_VALUES.items():
             args = args.replace(variable, value)
         commands.append((match[1], shlex.split(args)))
@@ -91,3 +97,22 @@ def test_gpu_kernels_fits_in_eight_minutes():
     text = (REPO / "scripts/gpu_kernels.sh").read_text()
     limits = [int(s) for s in re.findall(r"^\s*step \w+ (\d+) ", text, flags=re.MULTILINE)]
     assert len(limits) == 5 and sum(limits) + 10 * len(limits) <= 8 * 60, limits
+
+
+def test_gpu_context_fits_in_nine_minutes():
+    """Its steps, killed 5 s after their timeouts at the latest, end within 9 minutes, and
+    each search's last trial (started before its --time-budget ends, stopped by its
+    --trial-timeout) ends within its step's timeout, as does each timed trial."""
+    text = (REPO / "scripts/gpu_context.sh").read_text().replace("\\\n", " ")
+    steps = re.findall(r"^\s*step (\w+) (\d+) (.*)$", text, flags=re.MULTILINE)
+    names = [name for name, _, _ in steps]
+    assert names == ["checkpoint", "unsloth_r32", "unsloth_r8", "offload", "speed_off", "speed_on"]
+    limits = [int(limit) for _, limit, _ in steps]
+    assert sum(limits) + 5 * len(limits) <= 9 * 60, limits
+    for name, limit, command in steps:
+        if "benchmarks.max_context" not in command:
+            continue
+        flags = dict(re.findall(r"--(time-budget|trial-timeout) (\d+)", command))
+        budget = int(flags.get("time-budget", 0))
+        # A few seconds for the search's own start (imports) before its first trial.
+        assert budget + int(flags["trial-timeout"]) + 5 <= int(limit), (name, flags, limit)

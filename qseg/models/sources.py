@@ -113,8 +113,12 @@ def gguf_cache_dir(gguf: Path) -> Path:
     stat = gguf.stat()
     key = f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{_CONVERSION_VERSION}"
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
-    root = Path(os.environ.get("QSEG_CACHE") or Path.home() / ".cache" / "qseg")
-    return root / "gguf" / f"{gguf.stem}-{stat.st_size}-{digest}"
+    return cache_root() / "gguf" / f"{gguf.stem}-{stat.st_size}-{digest}"
+
+
+def cache_root() -> Path:
+    """Where qseg keeps what it derives once and reuses: $QSEG_CACHE, or ~/.cache/qseg."""
+    return Path(os.environ.get("QSEG_CACHE") or Path.home() / ".cache" / "qseg")
 
 
 def convert_gguf(gguf: Path) -> tuple[Path, bool]:
