@@ -26,22 +26,7 @@ export QSEG_CACHE=${QSEG_CACHE:-/tmp/qseg-cache}
 out=${OUT:-benchmarks/results/gpu}
 committed=benchmarks/results/gpu
 mkdir -p "$out"
-summary=()
-
-# step NAME SECONDS COMMAND...: run it under timeout (killed 5 s later at the latest).
-step() {
-  local name=$1 limit=$2
-  shift 2
-  echo
-  echo "=== $name (timeout ${limit} s): $*"
-  local start=$SECONDS
-  timeout --kill-after=5 "$limit" "$@"
-  local rc=$?
-  local verdict="ok"
-  [ "$rc" = 124 ] && verdict="TIMED OUT"
-  [ "$rc" != 0 ] && [ "$rc" != 124 ] && verdict="FAILED (exit $rc)"
-  summary+=("$(printf '%-12s %-18s %4d s' "$name" "$verdict" $((SECONDS - start)))")
-}
+source "$(dirname "$0")/steps.sh"
 
 # resume_from FILE...: --resume flags for the first of the files that exists.
 resume_from() {
@@ -87,9 +72,8 @@ print('checkpoint (folder, saved now):', save_checkpoint('llama3.1-8b', None, to
     --backends transformers --impls qseg --lora-r 8 --mixes cross_entropy --tokens 8192 \
     --steps 3 --trial-timeout 50 --offload-activations \
     --out "$out/context_speed_offload_on_gpu.json" --overwrite
-  echo
-  echo "=== summary"
-  printf '%s\n' "${summary[@]}"
+  summarize 'converged|tokens_per_s'
 }
 
 main 2>&1 | tee "$out/gpu_context.log"
+rm -rf "$steps"
